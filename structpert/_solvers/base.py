@@ -1,0 +1,213 @@
+"""The solver protocol, the one place that calls solvers, and the solver registry."""
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+
+class AbstractSolver(eqx.Module):
+    """An argmax oracle $y^*(\\theta) = \\arg\\max_{y \\in C} \\langle y, \\theta\\rangle$
+    over one instance.
+
+    Subclass it and implement `argmax`; set `event_ndim`, the number of trailing axes
+    of $\\theta$ that make one instance (1 for a vector, 2 for a grid or a matrix). Any
+    leading axes are batch axes, handled by the layer: a solver never sees noise,
+    batches or devices. A solver that has a faster kernel for many instances at once
+    subclasses [`structpert.AbstractBatchedSolver`][] instead.
+
+    `argmax` must be a pure JAX function of `theta` (jittable and vmappable); it may
+    return integer or boolean values, the layer casts them to the dtype of `theta`.
+    Check static facts about the instance (shapes, sizes) in `argmax` and raise a
+    `ValueError` that names the problem and the fix.
+
+    !!! Example
+
+        ```python
+        class Threshold(sp.AbstractSolver):
+            event_ndim: ClassVar[int] = 1
+
+            def argmax(self, theta):
+                # maximise <y, theta> over y in {0, 1}^n: keep the positive entries
+                return (theta > 0).astype(theta.dtype)
+        ```
+    """
+
+    event_ndim: eqx.AbstractVar[int | None]
+
+    @abc.abstractmethod
+    def argmax(self, theta: Float[Array, "*event"]) -> Array:
+        """Solve one instance.
+
+        **Arguments:**
+
+        - `theta`: the objective of one instance, of the solver's event shape.
+
+        **Returns:** the maximiser $y^*(\\theta)$, usually of the same shape as `theta`.
+        """
+
+
+class AbstractBatchedSolver(AbstractSolver):
+    """A solver with its own kernel for a stack of instances.
+
+    Implement `argmax_batch(thetas)` for `thetas` of shape `(N, *event)`; `argmax` on
+    one instance is derived from it. The layer calls `argmax_batch` once on all
+    `batch x num_samples` perturbed instances instead of `jax.vmap(argmax)`.
+    """
+
+    @abc.abstractmethod
+    def argmax_batch(self, thetas: Float[Array, "N *event"]) -> Array:
+        """Solve a stack of instances along the leading axis.
+
+        **Arguments:**
+
+        - `thetas`: instances stacked on a leading axis of any length.
+
+        **Returns:** the maximisers, stacked the same way.
+        """
+
+    def argmax(self, theta: Float[Array, "*event"]) -> Array:
+        return self.argmax_batch(theta[None])[0]
+
+
+def solve_batch(solver: AbstractSolver, thetas: Array) -> Array:
+    """Solve `thetas` of shape `(N, *event)`: the one place where solvers are called."""
+    if isinstance(solver, AbstractBatchedSolver):
+        return solver.argmax_batch(thetas)
+    return jax.vmap(solver.argmax)(thetas)
+
+
+class FunctionSolver(AbstractSolver):
+    """Wrap any jittable function `fn(theta) -> y` as a solver.
+
+    **Arguments:**
+
+    - `fn`: a pure JAX function solving one instance.
+    - `event_ndim`: how many trailing axes of `theta` make one instance. `None` (the
+      default) means all of them: `theta` is one instance with no batch axes.
+
+    !!! Example
+
+        ```python
+        solver = sp.FunctionSolver(lambda t: jnp.argsort(jnp.argsort(t)), event_ndim=1)
+        opt = sp.PerturbedOptimizer(solver, sigma=0.2)
+        ```
+    """
+
+    fn: Callable[[Array], Array] = eqx.field(static=True)
+    event_ndim: int | None = eqx.field(default=None, static=True)
+
+    def __check_init__(self):
+        if not callable(self.fn):
+            raise TypeError(
+                f"FunctionSolver: `fn` must be a callable theta -> y, got "
+                f"{type(self.fn).__name__}."
+            )
+        if self.event_ndim is not None and (
+            not isinstance(self.event_ndim, int) or self.event_ndim < 0
+        ):
+            raise ValueError(
+                f"FunctionSolver: `event_ndim` must be a non-negative int or None, "
+                f"got {self.event_ndim!r}."
+            )
+
+    def argmax(self, theta: Float[Array, "*event"]) -> Array:
+        return self.fn(theta)
+
+
+_REGISTRY: dict[str, Callable[..., AbstractSolver]] = {}
+
+
+def register_solver(name: str) -> Callable[[Any], Any]:
+    """Register a solver class (or a plain argmax function) under a name.
+
+    Configs can then build it with [`structpert.make_solver`][]. A plain function is
+    registered as a factory of [`structpert.FunctionSolver`][] (with `event_ndim`
+    taken from `make_solver`'s keyword arguments).
+
+    **Arguments:**
+
+    - `name`: a non-empty string, unique among registered solvers.
+
+    **Returns:** a decorator that registers its argument and returns it unchanged.
+
+    !!! Example
+
+        ```python
+        @sp.register_solver("threshold")
+        class Threshold(sp.AbstractSolver):
+            event_ndim: ClassVar[int] = 1
+
+            def argmax(self, theta):
+                return (theta > 0).astype(theta.dtype)
+
+        solver = sp.make_solver("threshold")
+        ```
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_solver: `name` must be a non-empty string, got {name!r}.")
+
+    def decorator(obj: Any) -> Any:
+        if name in _REGISTRY:
+            raise ValueError(
+                f"register_solver: a solver named {name!r} is already registered "
+                f"({_REGISTRY[name]!r}). Pick another name."
+            )
+        if isinstance(obj, type) and issubclass(obj, AbstractSolver):
+            _REGISTRY[name] = obj
+        elif isinstance(obj, type):
+            raise TypeError(
+                f"register_solver({name!r}): {obj.__name__} is not a subclass of "
+                "structpert.AbstractSolver. Subclass it, or register a plain function."
+            )
+        elif callable(obj):
+            _REGISTRY[name] = lambda **kwargs: FunctionSolver(obj, **kwargs)
+        else:
+            raise TypeError(
+                f"register_solver({name!r}): expected an AbstractSolver subclass or a "
+                f"function, got {type(obj).__name__}."
+            )
+        return obj
+
+    return decorator
+
+
+def make_solver(name: str, **kwargs: Any) -> AbstractSolver:
+    """Build a registered solver by name.
+
+    **Arguments:**
+
+    - `name`: a name from [`structpert.list_solvers`][].
+    - `**kwargs`: passed to the solver's constructor, e.g. `k=3` for `"topk"`.
+
+    **Returns:** the solver.
+
+    !!! Example
+
+        ```python
+        solver = sp.make_solver("topk", k=3)
+        ```
+    """
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"make_solver: unknown solver name {name!r}. Registered solvers: "
+            f"{', '.join(sorted(_REGISTRY)) or '(none)'}. Register new ones with "
+            "@structpert.register_solver(name)."
+        ) from None
+    return factory(**kwargs)
+
+
+def list_solvers() -> list[str]:
+    """The names of all registered solvers, sorted."""
+    return sorted(_REGISTRY)
+
+
+def as_float(y: Array, dtype: jnp.dtype) -> Array:
+    """Cast a solver output to the floating dtype of theta."""
+    return jnp.asarray(y).astype(dtype)

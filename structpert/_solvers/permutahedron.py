@@ -1,0 +1,33 @@
+"""The permutahedron: ranks."""
+
+from typing import ClassVar
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from .base import AbstractSolver, register_solver
+
+
+@register_solver("permutahedron")
+class Permutahedron(AbstractSolver):
+    """Ranks, 0-based and ascending: the smallest entry gets 0, the largest `n - 1`.
+
+    Maximises $\\langle y, \\theta\\rangle$ over the permutations of
+    $(0, 1, \\dots, n-1)$ (the vertices of the permutahedron). Computed with one
+    stable sort and one scatter, not a double argsort. Ties: equal entries get
+    increasing ranks in index order (the lower index gets the lower rank), the same
+    as `jnp.argsort(jnp.argsort(theta))`.
+
+    !!! Example
+
+        ```python
+        sp.Permutahedron().argmax(jnp.array([0.2, -1.3, 0.6]))  # [1., 0., 2.]
+        ```
+    """
+
+    event_ndim: ClassVar[int] = 1
+
+    def argmax(self, theta: Float[Array, " n"]) -> Float[Array, " n"]:
+        n = theta.shape[-1]
+        order = jnp.argsort(theta, stable=True)
+        return jnp.zeros(n, theta.dtype).at[order].set(jnp.arange(n, dtype=theta.dtype))

@@ -1,0 +1,31 @@
+"""The unit simplex: one-hot argmax."""
+
+from typing import ClassVar
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from .base import AbstractSolver, register_solver
+
+
+@register_solver("simplex")
+class Simplex(AbstractSolver):
+    """One-hot argmax: $y^*(\\theta) = e_i$ with $i = \\arg\\max_j \\theta_j$.
+
+    The vertices of the unit simplex. `theta` has shape `(n,)`; `y` is the one-hot
+    vector of the largest entry. Ties go to the lowest index (as `jnp.argmax`).
+    With [`structpert.Gumbel`][] noise, the perturbed argmax is exactly
+    $\\mathrm{softmax}(\\theta/\\varepsilon)$.
+
+    !!! Example
+
+        ```python
+        sp.Simplex().argmax(jnp.array([0.1, 2.0, -1.0]))  # [0., 1., 0.]
+        ```
+    """
+
+    event_ndim: ClassVar[int] = 1
+
+    def argmax(self, theta: Float[Array, " n"]) -> Float[Array, " n"]:
+        n = theta.shape[-1]
+        return (jnp.arange(n) == jnp.argmax(theta)).astype(theta.dtype)
