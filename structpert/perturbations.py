@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from ._noise import AbstractNoise, Gumbel as Gumbel, Normal as Normal
-from ._perturbed import PerturbedOptimizer, _check_theta, _Config, _kernel
+from ._perturbed import PerturbedOptimizer, _check_theta, _Config, _jit_kernel
 from ._solvers.base import FunctionSolver
 
 
@@ -134,7 +134,7 @@ def make_perturbed_fun(
             chunk_size=None,
         )
         sigma_ = jnp.asarray(opt.sigma, inputs.dtype)
-        y_eps, _ = _kernel(inputs[None], sigma_, rng, cfg=cfg)
+        y_eps, _ = _jit_kernel(inputs[None], sigma_, rng, cfg=cfg)
         return y_eps[0]
 
     return perturbed_fun

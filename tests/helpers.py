@@ -1,8 +1,12 @@
 """Shared lists and utilities for the tests."""
 
+import contextlib
 import itertools
+import re
 
 import numpy as np
+import pytest
+from jaxtyping import TypeCheckError
 
 import structpert as sp
 
@@ -38,3 +42,16 @@ def k_hot(n, k):
         v[list(idx)] = 1
         out.append(v)
     return out
+
+
+BAD_INPUT = (ValueError, TypeError, TypeCheckError)
+
+
+@contextlib.contextmanager
+def bad_input(match):
+    """Expect a clear error: ours (whose message must match `match`), or the
+    jaxtyping hook's TypeCheckError when the annotations catch the input first."""
+    with pytest.raises(BAD_INPUT) as info:
+        yield
+    if not isinstance(info.value, TypeCheckError):
+        assert re.search(match, str(info.value)), str(info.value)
