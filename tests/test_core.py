@@ -7,11 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import BAD_INPUT, bad_input, DTYPES, mc_tol
 from scipy.stats import norm
 
 import structpert as sp
-
-from helpers import BAD_INPUT, DTYPES, bad_input, mc_tol
 
 
 GAMMA = float(np.euler_gamma)
@@ -246,7 +245,8 @@ def test_jit_vmap_and_filter_jit_agree():
     theta = jax.random.normal(jax.random.key(1), (4, 5))
     eager = opt(theta, key=key)
     np.testing.assert_allclose(jax.jit(lambda t: opt(t, key=key))(theta), eager, rtol=1e-6)
-    np.testing.assert_allclose(eqx.filter_jit(lambda o, t: o(t, key=key))(opt, theta), eager, rtol=1e-6)
+    jitted = eqx.filter_jit(lambda o, t: o(t, key=key))(opt, theta)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-6)
     # vmap with one key: each row as an unbatched call (= instance 0 of its own batch)
     vm = jax.vmap(lambda t: opt(t, key=key))(theta)
     np.testing.assert_allclose(vm[2], opt(theta[2], key=key), rtol=1e-6)

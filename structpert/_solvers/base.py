@@ -60,7 +60,7 @@ class AbstractBatchedSolver(AbstractSolver):
     """
 
     @abc.abstractmethod
-    def argmax_batch(self, thetas: Float[Array, "N *event"]) -> Array:
+    def argmax_batch(self, thetas: Float[Array, " N *event"]) -> Array:
         """Solve a stack of instances along the leading axis.
 
         **Arguments:**
