@@ -175,6 +175,11 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
     return (y_eps, f_eps), (d_y, d_f)
 
 
+# Compiled once per shape and configuration, so that eager calls do not dispatch the
+# kernel op by op; inside a user's `jit` it is inlined.
+_jit_kernel = eqx.filter_jit(_kernel)
+
+
 def _check_theta(theta, event_ndim: int | None, who: str) -> int:
     """Validate theta at trace time; returns the number of event axes."""
     if not isinstance(theta, jax.Array | jnp.ndarray) and not hasattr(theta, "dtype"):
@@ -248,7 +253,7 @@ class PerturbedOptimizer(eqx.Module):
 
     solver: AbstractSolver
     noise: AbstractNoise = Gumbel()
-    sigma: float | Array = 1.0
+    sigma: int | float | Array = 1.0
     num_samples: int = eqx.field(default=100, static=True)
     perturbation: Perturbation = eqx.field(default="additive", static=True)
     control_variate: ControlVariate = eqx.field(default="leave_one_out", static=True)
@@ -337,7 +342,7 @@ class PerturbedOptimizer(eqx.Module):
             chunk_size=self.chunk_size,
         )
         flat = theta.reshape(-1, *event_shape)
-        y_eps, f_eps = _kernel(flat, sigma, key, cfg=cfg)
+        y_eps, f_eps = _jit_kernel(flat, sigma, key, cfg=cfg)
         return y_eps.reshape(*batch_shape, *event_shape), f_eps.reshape(batch_shape)
 
     def __call__(
