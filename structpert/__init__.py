@@ -12,6 +12,7 @@ from ._solvers.base import (
     make_solver as make_solver,
     register_solver as register_solver,
 )
+from ._solvers.matching import BipartiteMatching as BipartiteMatching
 from ._solvers.permutahedron import Permutahedron as Permutahedron
 from ._solvers.simplex import Simplex as Simplex
 from ._solvers.topk import TopK as TopK
