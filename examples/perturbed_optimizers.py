@@ -134,9 +134,7 @@ def native_part():
 
 
 def main(quick: bool = False, outdir: str = "examples/out"):
-    one_hot = one_hot_part(
-        n_samples=20_000 if quick else 100_000, steps=50 if quick else 200
-    )
+    one_hot = one_hot_part(n_samples=20_000 if quick else 100_000, steps=200)
     values_t, history = ranking_part(n_samples=100, steps=20)
     native_part()
 

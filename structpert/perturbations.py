@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from ._noise import AbstractNoise, Gumbel as Gumbel, Normal as Normal
-from ._perturbed import PerturbedOptimizer, _check_theta, _Config, _jit_kernel
+from ._perturbed import _check_theta, _Config, _jit_kernel, PerturbedOptimizer
 from ._solvers.base import FunctionSolver
 
 

@@ -1,0 +1,485 @@
+"""Gradient estimators: structpert against jaxopt.perturbations and optax.perturbations.
+
+Three parts, all peers measured side by side in one run, in float32 as users run them:
+
+1. **Gradient mean squared error at equal solver calls.** Solver calls are counted,
+   not assumed: a `jax.pure_callback` solver counts the instances each library solves
+   under `jax.value_and_grad` (jaxopt solves 2M, optax M + 1, structpert M, or M + 1
+   with the `"unperturbed"` control variate). Each library then gets the same budget
+   of calls per gradient. Problems: the simplex with Gumbel noise (exact answer:
+   softmax, Jacobian (diag p - p p^T) / eps), ranking and top-k with Normal noise
+   (reference from 10^6 samples), several random instances each. Two gradients:
+   the notebook's loss on the perturbed argmax, ||y_eps(theta) - y_target||^2 (goes
+   through the Jacobian estimator), and the Fenchel-Young loss (exact gradient
+   y_eps - y). Each MSE is the mean over independent keys of ||g_hat - g||^2.
+2. **Time per `value_and_grad` step** at d = 100, M = 1000, against the floor: the
+   bare vmapped solver on the same M perturbed inputs (given), and drawing the noise
+   plus solving. Peers use the same solver function as structpert's
+   `FunctionSolver` row; structpert's own solver classes are shown too.
+3. **The seed notebook's ranking pipeline** end to end (n = 6, 100 samples,
+   sigma 0.2, Gumbel, 20 jitted gradient steps on the squared loss of the perturbed
+   ranks), with jaxopt, with `structpert.perturbations` as a drop-in (same `ranking`
+   function, a double argsort) and with `sp.Permutahedron` (one sort); also at
+   n = 100, M = 1000.
+
+Timings are the minimum over repeats (the machine is shared with other jobs).
+
+Run it with
+
+    python benchmarks/estimators.py            # everything (a few minutes)
+    python benchmarks/estimators.py --quick    # smaller reference and fewer repeats
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax.perturbations as op
+from jaxopt import perturbations as jp
+
+import structpert as sp
+
+
+F32 = jnp.float32
+
+
+# ---------------------------------------------------------------------------
+# Solver functions, one instance each (the form jaxopt and optax take)
+
+
+def one_hot(x):
+    return jax.nn.one_hot(jnp.argmax(x), x.shape[-1], dtype=x.dtype)
+
+
+def ranking(x):  # the notebook's ranking: a double argsort
+    return jnp.argsort(jnp.argsort(x)).astype(x.dtype)
+
+
+def make_topk(k):
+    def topk(x):
+        _, idx = jax.lax.top_k(x, k)
+        return jnp.zeros_like(x).at[idx].set(1)
+
+    return topk
+
+
+NOISES = {
+    "gumbel": (sp.Gumbel(), jp.Gumbel(), op.Gumbel()),
+    "normal": (sp.Normal(), jp.Normal(), op.Normal()),
+}
+
+
+def best_time(fn, repeats):
+    """Minimum wall-clock seconds of `fn()` over `repeats` runs, after a warm-up."""
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# ---------------------------------------------------------------------------
+# Part 0: count the solver calls of each library under value_and_grad
+
+
+def count_calls(m=10, d=5):
+    counter = [0]
+
+    def host(x):
+        x = np.asarray(x)
+        counter[0] += x.reshape(-1, x.shape[-1]).shape[0]
+        return np.argsort(np.argsort(x, -1), -1).astype(x.dtype)
+
+    def solver(x):
+        shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return jax.pure_callback(host, shape, x, vmap_method="broadcast_all")
+
+    theta = jnp.linspace(1.0, -1.0, d, dtype=F32)
+    y = jnp.arange(d, dtype=F32)
+    key = jax.random.key(0)
+    sq = lambda a: jnp.sum((a - y) ** 2)
+    jo = jp.make_perturbed_argmax(solver, m, 0.5, jp.Normal())
+    jo_cv = jp.make_perturbed_argmax(solver, m, 0.5, jp.Normal(), control_variate=True)
+    jo_max = jp.make_perturbed_max(solver, m, 0.5, jp.Normal())
+    ox = op.make_perturbed_fun(solver, m, 0.5, op.Normal())
+    ox_max = op.make_perturbed_fun(lambda t: jnp.sum(t * solver(t)), m, 0.5, op.Normal())
+    fs = sp.FunctionSolver(solver, event_ndim=1)
+    ours = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m)
+    ours_u = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m, control_variate="unperturbed")
+    cases = {
+        "jaxopt argmax": lambda t: sq(jo(t, key)),
+        "jaxopt argmax, control_variate=True": lambda t: sq(jo_cv(t, key)),
+        "jaxopt max (FY)": lambda t: jo_max(t, key) - t @ y,
+        "optax fun": lambda t: sq(ox(key, t)),
+        "optax max (FY)": lambda t: ox_max(key, t) - t @ y,
+        "structpert argmax": lambda t: sq(ours(t, key=key)),
+        "structpert argmax, unperturbed": lambda t: sq(ours_u(t, key=key)),
+        "structpert FY": lambda t: sp.FenchelYoungLoss(ours)(t, y, key=key),
+    }
+    out = {}
+    for name, f in cases.items():
+        counter[0] = 0
+        jax.block_until_ready(jax.jit(jax.value_and_grad(f))(theta))
+        out[name] = counter[0] / m
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Part 1: gradient MSE at equal solver calls
+
+
+def reference(fn, noise, theta, eps, n_total, chunk=20_000, seed=12345):
+    """y_eps and the (symmetrised) Jacobian from n_total samples, accumulated in
+    float64 on the host: the plain estimator of Berthet et al. (Prop. 3.1) with the
+    chunk mean as baseline, written out here independently of the libraries."""
+    d = theta.shape[0]
+
+    @jax.jit
+    def chunk_sums(key):
+        z = noise.sample(key, (chunk, d), F32)
+        y = jax.vmap(fn)(theta + eps * z)
+        c = y - y.mean(0)
+        return y.sum(0), c.T @ noise.grad_nu(z)
+
+    y_sum = np.zeros(d)
+    j_sum = np.zeros((d, d))
+    n = 0
+    key = jax.random.key(seed)
+    while n < n_total:
+        key, sub = jax.random.split(key)
+        ys, js = chunk_sums(sub)
+        y_sum += np.asarray(ys, np.float64)
+        j_sum += np.asarray(js, np.float64)
+        n += chunk
+    jac = j_sum / (n * eps)
+    return y_sum / n, (jac + jac.T) / 2
+
+
+def gradient_mse(problem, budget, reps, n_ref):
+    """MSE of each estimator on each instance of `problem` at `budget` solver calls."""
+    fn, sp_solver = problem["fn"], problem["solver"]
+    sp_noise, jo_noise, ox_noise = NOISES[problem["noise"]]
+    eps = problem["eps"]
+    m_jo, m_ox = budget // 2, budget - 1  # jaxopt solves 2M, optax M + 1
+    symmetric = problem["noise"] == "normal"
+
+    def ours(**kw):
+        m = budget - 1 if kw.get("control_variate") == "unperturbed" else budget
+        return sp.PerturbedOptimizer(sp_solver, sp_noise, eps, m, **kw)
+
+    layers = {
+        "structpert": ours(),
+        "sp, no symmetrisation": ours(symmetric_jacobian=False),
+        "sp, unperturbed cv": ours(control_variate="unperturbed"),
+        "sp, no cv": ours(control_variate="none"),
+    }
+    if symmetric:
+        layers["sp, antithetic"] = ours(antithetic=True)
+    argmax_fns = {k: (lambda t, key, o=o: o(t, key=key)) for k, o in layers.items()}
+    jo_f = jp.make_perturbed_argmax(fn, m_jo, eps, jo_noise)
+    jo_cv = jp.make_perturbed_argmax(fn, (budget - 1) // 2, eps, jo_noise, True)
+    ox_f = op.make_perturbed_fun(fn, m_ox, eps, ox_noise)
+    ox_nb = op.make_perturbed_fun(fn, budget, eps, ox_noise, use_baseline=False)
+    argmax_fns.update(
+        {
+            "jaxopt": lambda t, key: jo_f(t, key),
+            "jaxopt, control_variate": lambda t, key: jo_cv(t, key),
+            "optax": lambda t, key: ox_f(key, t),
+            "optax, no baseline": lambda t, key: ox_nb(key, t),
+        }
+    )
+    fy_layers = {"structpert": layers["structpert"]}
+    if symmetric:
+        fy_layers["sp, antithetic"] = layers["sp, antithetic"]
+    jo_max = jp.make_perturbed_max(fn, m_jo, eps, jo_noise)
+    ox_max = op.make_perturbed_fun(lambda t: jnp.sum(t * fn(t)), m_ox, eps, ox_noise)
+    fy_fns = {
+        k: (lambda t, y, key, o=o: sp.FenchelYoungLoss(o)(t, y, key=key))
+        for k, o in fy_layers.items()
+    }
+    fy_fns["jaxopt"] = lambda t, y, key: jo_max(t, key) - t @ y
+    fy_fns["optax"] = lambda t, y, key: ox_max(key, t) - t @ y
+
+    thetas = jnp.asarray(np.stack(problem["thetas"]), F32)
+    y_target = jnp.asarray(problem["target"], F32)
+    y_trues = jax.vmap(fn)(thetas + jnp.asarray(np.stack(problem["shift"]), F32))
+    g_loss, g_fy = [], []
+    for theta, y_true in zip(np.asarray(thetas), np.asarray(y_trues)):
+        if problem["exact"]:
+            p = np.asarray(jax.nn.softmax(np.asarray(theta, np.float64) / eps))
+            jac = (np.diag(p) - np.outer(p, p)) / eps
+        else:
+            p, jac = reference(fn, sp_noise, jnp.asarray(theta), eps, n_ref)
+        g_loss.append(2 * jac.T @ (p - np.asarray(y_target)))
+        g_fy.append(p - y_true)
+    g_loss, g_fy = np.stack(g_loss), np.stack(g_fy)
+    keys = jax.random.split(jax.random.key(100), reps)
+    rows = [{"instance": i} for i in range(len(thetas))]
+
+    def record(kind, name, grad, args):
+        # all instances and keys in one compiled call
+        per_key = jax.vmap(grad, in_axes=(None,) * (len(args) - 1) + (0,))
+        g = jax.jit(jax.vmap(per_key, in_axes=(0,) * (len(args) - 1) + (None,)))(*args)
+        ref = g_loss if kind == "loss" else g_fy
+        mse = np.mean(np.sum((np.asarray(g, np.float64) - ref[:, None]) ** 2, -1), -1)
+        for row, value in zip(rows, mse):
+            row[(kind, name)] = float(value)
+
+    for name, f in argmax_fns.items():
+        grad = jax.grad(lambda t, key, f=f: jnp.sum((f(t, key) - y_target) ** 2))
+        record("loss", name, grad, (thetas, keys))
+    for name, f in fy_fns.items():
+        record("fy", name, jax.grad(f), (thetas, y_trues, keys))
+    return rows
+
+
+def make_problems(quick):
+    rng = np.random.default_rng(0)
+    notebook = np.array([-0.6, 1.9, -0.2, 1.1, -1.0])
+
+    def thetas(d, n=3, first=None):
+        out = [first] if first is not None else []
+        while len(out) < n:
+            out.append(rng.normal(size=d))
+        return out
+
+    def problem(name, fn, solver, noise, d, eps, first=None, exact=False, target=None):
+        ths = thetas(d, first=first)
+        return dict(
+            name=name,
+            fn=fn,
+            solver=solver,
+            noise=noise,
+            d=d,
+            eps=eps,
+            thetas=ths,
+            shift=[rng.normal(size=d) for _ in ths],
+            exact=exact,
+            target=target,
+        )
+
+    simplex_target = lambda d: (np.arange(d) + 2) / np.sum(np.arange(d) + 2)
+    problems = [
+        problem("simplex d=5 eps=0.5 Gumbel", one_hot, sp.Simplex(), "gumbel", 5, 0.5,
+                first=notebook, exact=True, target=simplex_target(5)),
+        problem("simplex d=100 eps=0.5 Gumbel", one_hot, sp.Simplex(), "gumbel", 100,
+                0.5, exact=True, target=simplex_target(100)),
+        problem("simplex d=100 eps=0.1 Gumbel", one_hot, sp.Simplex(), "gumbel", 100,
+                0.1, exact=True, target=simplex_target(100)),
+        problem("ranking n=6 eps=0.2 Normal", ranking, sp.Permutahedron(), "normal", 6,
+                0.2, target=np.arange(6.0)),
+        problem("ranking n=100 eps=0.5 Normal", ranking, sp.Permutahedron(), "normal",
+                100, 0.5, target=np.arange(100.0)),
+        problem("top-10 n=100 eps=0.5 Normal", make_topk(10), sp.TopK(10), "normal", 100,
+                0.5, target=(np.arange(100) >= 90).astype(float)),
+    ]
+    return problems
+
+
+def print_mse_tables(results, budget):
+    peers = ("jaxopt", "optax")
+    for kind, title in (
+        ("loss", "squared loss on y_eps (Jacobian estimator)"),
+        ("fy", "Fenchel-Young loss (gradient y_eps - y)"),
+    ):
+        print(f"\nGradient MSE, {title}, at {budget} solver calls per gradient,")
+        print("as a ratio to the better of jaxopt and optax at their defaults")
+        print("(< 1: structpert is better; the target is <= 0.5)")
+        names = []
+        for rows in results.values():
+            for key in rows[0]:
+                if isinstance(key, tuple) and key[0] == kind and key[1] not in names:
+                    names.append(key[1])
+        header = f"{'problem':30s} {'#':>2s} {'best peer MSE':>13s} " + " ".join(
+            f"{n[:22]:>22s}" for n in names
+        )
+        print(header)
+        for pname, rows in results.items():
+            for row in rows:
+                best = min(row[(kind, p)] for p in peers)
+                cells = " ".join(
+                    f"{row[(kind, n)] / best:22.3f}" if (kind, n) in row else " " * 22
+                    for n in names
+                )
+                print(f"{pname:30s} {row['instance']:2d} {best:13.4g} {cells}")
+
+
+# ---------------------------------------------------------------------------
+# Part 2: time per value_and_grad step
+
+
+def interleaved_best(fns, repeats):
+    """Minimum seconds of each zero-argument function, timed in turns so that all see
+    the same background load."""
+    for f in fns.values():
+        jax.block_until_ready(f())
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f())
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def timing(d=100, m=1000, repeats=20):
+    key = jax.random.key(0)
+    theta = jax.random.normal(jax.random.key(1), (d,), F32)
+    cases = [
+        ("simplex, Gumbel", one_hot, sp.Simplex(), "gumbel", 0.5),
+        ("ranking, Normal", ranking, sp.Permutahedron(), "normal", 0.5),
+        ("top-10, Normal", make_topk(10), sp.TopK(10), "normal", 0.5),
+    ]
+    rows = []
+    for name, fn, solver, noise_name, eps in cases:
+        sp_noise, jo_noise, ox_noise = NOISES[noise_name]
+        y = fn(theta + 0.3)
+        perturbed = theta + eps * sp_noise.sample(jax.random.key(2), (m, d), F32)
+        sq = lambda a, y=y: jnp.sum((a - y) ** 2)
+        layers = {
+            "structpert": sp.PerturbedOptimizer(solver, sp_noise, eps, m),
+            "sp FunctionSolver": sp.PerturbedOptimizer(
+                sp.FunctionSolver(fn, event_ndim=1), sp_noise, eps, m
+            ),
+        }
+        jo = jp.make_perturbed_argmax(fn, m, eps, jo_noise)
+        jo_max = jp.make_perturbed_max(fn, m, eps, jo_noise)
+        ox = op.make_perturbed_fun(fn, m, eps, ox_noise)
+        ox_max = op.make_perturbed_fun(lambda t, fn=fn: jnp.sum(t * fn(t)), m, eps, ox_noise)
+        fns = {}
+        for lib, solve in (("structpert", solver.argmax), ("fn", fn)):
+            bare = jax.jit(jax.vmap(solve))
+            floor = jax.jit(
+                lambda t, k, solve=solve: jax.vmap(solve)(
+                    t + eps * sp_noise.sample(k, (m, d), F32)
+                )
+            )
+            fns[(lib, "bare")] = lambda bare=bare: bare(perturbed)
+            fns[(lib, "floor")] = lambda floor=floor: floor(theta, key)
+        losses = {}
+        for lib, o in layers.items():
+            losses[(lib, "loss")] = lambda t, k, o=o: sq(o(t, key=k))
+            losses[(lib, "FY")] = lambda t, k, o=o: sp.FenchelYoungLoss(o)(t, y, key=k)
+        losses[("jaxopt", "loss")] = lambda t, k: sq(jo(t, k))
+        losses[("jaxopt", "FY")] = lambda t, k, y=y: jo_max(t, k) - t @ y
+        losses[("optax", "loss")] = lambda t, k: sq(ox(k, t))
+        losses[("optax", "FY")] = lambda t, k, y=y: ox_max(k, t) - t @ y
+        for lk, f in losses.items():
+            vg = jax.jit(jax.value_and_grad(f))
+            fns[lk] = lambda vg=vg: vg(theta, key)
+        row = interleaved_best(fns, repeats)
+        row["case"] = name
+        rows.append(row)
+    print(f"\nTime per value_and_grad step, d={d}, M={m}, float32, min of {repeats} runs")
+    print("taken in turns. bare = the vmapped solver on M given perturbed inputs;")
+    print("floor = drawing the noise + perturbing + solving (what any method must do).")
+    print("structpert's row uses its solver class; the other rows use the same function")
+    print("(jnp one_hot/argmax, the notebook's double-argsort ranking, lax.top_k).")
+    for row in rows:
+        print(f"\n{row['case']}")
+        for lib, base in (("structpert", "structpert"), ("sp FunctionSolver", "fn"),
+                          ("jaxopt", "fn"), ("optax", "fn")):
+            bare, floor = row[(base, "bare")], row[(base, "floor")]
+            cells = [f"bare {bare * 1e3:7.3f} floor {floor * 1e3:7.3f} ms |"]
+            for kind in ("loss", "FY"):
+                t = row[(lib, kind)]
+                cells.append(
+                    f"{kind:4s} {t * 1e3:7.3f} ms = {t / bare:5.2f}x bare, "
+                    f"{t / floor:5.2f}x floor"
+                )
+            print(f"  {lib:18s} " + "  ".join(cells))
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Part 3: the seed notebook's ranking pipeline
+
+
+def pipeline(n=6, m=100, sigma=0.2, steps=20, repeats=5):
+    values = jax.random.normal(jax.random.key(0), (n,))
+    y_true = ranking(jnp.arange(n, dtype=F32))
+    from structpert import perturbations as spp
+
+    layer = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Gumbel(), sigma, m)
+    variants = {
+        "jaxopt (ranking fn)": jp.make_perturbed_argmax(ranking, m, sigma, jp.Gumbel()),
+        "sp.perturbations (ranking fn)": spp.make_perturbed_argmax(
+            ranking, m, sigma, spp.Gumbel()
+        ),
+        "sp.Permutahedron": lambda t, k: layer(t, key=k),
+    }
+    loops, steps_fns, out = {}, {}, {}
+    for name, pert in variants.items():
+
+        def loss(v, rng, pert=pert):
+            return jnp.sum((y_true - pert(v, rng)) ** 2)
+
+        def loop(grad_func):
+            # the notebook's loop, verbatim
+            rngs = jax.random.split(jax.random.key(0), 2)
+            v = values
+            for _ in range(steps):
+                rngs = jax.random.split(rngs[1], 2)
+                v = v - 0.1 * grad_func(v, rngs[1])
+            return v
+
+        t0 = time.perf_counter()
+        grad_func = jax.jit(jax.grad(loss))
+        final = jax.block_until_ready(loop(grad_func))
+        first = time.perf_counter() - t0  # includes compilation
+        out[name] = dict(
+            first=first,
+            loss=float(jnp.mean(jax.vmap(lambda k, pert=pert: jnp.sum(
+                (y_true - pert(final, k)) ** 2))(jax.random.split(jax.random.key(7), 10)))),
+        )
+        loops[name] = lambda grad_func=grad_func, loop=loop: loop(grad_func)
+        steps_fns[name] = lambda g=grad_func: g(values, jax.random.key(3))
+    t_loop = interleaved_best(loops, repeats)
+    t_step = interleaved_best(steps_fns, 10 * repeats)
+    base = "jaxopt (ranking fn)"
+    print(f"\nNotebook ranking pipeline: n={n}, M={m}, sigma={sigma}, {steps} jitted steps")
+    print(
+        f"{'variant':30s} {'1st run s':>9s} {'loop ms':>8s} {'step ms':>8s} "
+        f"{'step vs jaxopt':>14s} {'final loss':>10s}"
+    )
+    for name, r in out.items():
+        print(
+            f"{name:30s} {r['first']:9.2f} {t_loop[name] * 1e3:8.2f} "
+            f"{t_step[name] * 1e3:8.3f} {t_step[name] / t_step[base]:13.2f}x "
+            f"{r['loss']:10.3f}"
+        )
+        r.update(loop=t_loop[name], step=t_step[name])
+    return out
+
+
+def main(quick: bool = False, budget: int = 200):
+    print(f"jax {jax.__version__}, devices {jax.devices()}")
+    print("\nSolver calls per value_and_grad, in units of num_samples M (M = 10), counted")
+    for name, calls in count_calls().items():
+        print(f"    {name:40s} {calls:.1f} M")
+    reps = 100 if quick else 400
+    n_ref = 200_000 if quick else 1_000_000
+    results = {}
+    for problem in make_problems(quick):
+        t0 = time.perf_counter()
+        results[problem["name"]] = gradient_mse(problem, budget, reps, n_ref)
+        print(f"  measured {problem['name']} in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"\n{reps} keys per estimate; reference: exact (simplex) or {n_ref} samples.")
+    print_mse_tables(results, budget)
+    repeats = 5 if quick else 20
+    timings = timing(repeats=repeats)
+    pipe = pipeline(repeats=repeats)
+    pipe100 = pipeline(n=100, m=1000, sigma=0.2, repeats=max(3, repeats // 4))
+    return dict(mse=results, timing=timings, pipeline=pipe, pipeline100=pipe100)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller and faster")
+    parser.add_argument("--budget", type=int, default=200, help="solver calls per gradient")
+    args = parser.parse_args()
+    main(quick=args.quick, budget=args.budget)
