@@ -14,7 +14,12 @@ use at most C of them.
 
 The workload is solver-bound: one training step (value and gradient of the
 Fenchel-Young loss: one solver pass) over `batch x num_samples` perturbed instances,
-with `PerturbedOptimizer(..., mesh=mesh)`. Every device count must give the one-device
+with `PerturbedOptimizer(..., mesh=mesh)`, for three solvers: ranking
+(`Permutahedron`), grid shortest paths (`GridShortestPath`) and ranking by NumPy on the
+host (`HostSolver`). Note that on CPU, XLA already spreads one device's sort or
+relaxation over its own thread pool, while a host callback runs on one thread per
+device: the last workload shows what splitting over devices adds when the solver
+itself is single-threaded. Every device count must give the one-device
 loss and gradient for the same key; the script checks it. No peer library spreads
 perturbed solver calls over devices, so the ratios are against one device.
 
@@ -37,11 +42,27 @@ WORKLOADS = {
     # name: (solver, event shape, batch, num_samples, perturbation)
     "ranking": ("Permutahedron", (2000,), 64, 32, "additive"),
     "grid": ("GridShortestPath", (48, 48), 64, 16, "multiplicative"),
+    "host-rank": ("HostSolver", (2000,), 64, 32, "additive"),  # NumPy via callback
 }
 QUICK = {
     "ranking": ("Permutahedron", (200,), 8, 8, "additive"),
     "grid": ("GridShortestPath", (8, 8), 4, 4, "multiplicative"),
+    "host-rank": ("HostSolver", (200,), 8, 8, "additive"),
 }
+
+
+def numpy_ranks(thetas):
+    """Ranks of each row by NumPy (stable double argsort), for sp.HostSolver."""
+    import numpy as np
+
+    order = np.argsort(thetas, axis=-1, kind="stable")
+    return np.argsort(order, axis=-1, kind="stable")
+
+
+def make_solver(sp, name: str):
+    if name == "HostSolver":
+        return sp.HostSolver(fn=numpy_ranks, event_ndim=1, batched=True)
+    return getattr(sp, name)()
 
 
 def _set_host_devices(n: int) -> None:
@@ -49,6 +70,26 @@ def _set_host_devices(n: int) -> None:
              if not f.startswith("--xla_force_host_platform_device_count")]
     flags.append(f"--xla_force_host_platform_device_count={n}")
     os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def _thread_ticks() -> dict:
+    """CPU clock ticks used so far by each thread of this process (Linux; else {})."""
+    ticks = {}
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks[tid] = int(fields[11]) + int(fields[12])  # utime + stime
+    except OSError:
+        return {}
+    return ticks
+
+
+def _busy_threads(before: dict, after: dict) -> int:
+    """Threads that did at least 20% of the busiest thread's work in between."""
+    work = [after[t] - before.get(t, 0) for t in after]
+    top = max(work, default=0)
+    return sum(w >= 0.2 * top for w in work) if top > 0 else 0
 
 
 def measure(device_counts, workloads: dict, rounds: int) -> dict:
@@ -74,23 +115,26 @@ def measure(device_counts, workloads: dict, rounds: int) -> dict:
         steps = {}
         for n in device_counts:
             mesh = jax.make_mesh((n,), ("devices",), devices=devices[:n])
-            opt = sp.PerturbedOptimizer(getattr(sp, solver_name)(), noise=sp.Normal(),
+            opt = sp.PerturbedOptimizer(make_solver(sp, solver_name), noise=sp.Normal(),
                                         sigma=0.5, num_samples=samples,
                                         perturbation=perturbation, mesh=mesh)
             loss = sp.FenchelYoungLoss(opt)
             steps[n] = jax.jit(jax.value_and_grad(
                 lambda t, loss=loss: loss(t, y_true, key=jax.random.key(0)).sum()
             ))
-        res = {n: {"times": [], "cpu": 0.0, "wall": 0.0} for n in device_counts}
+        res = {n: {"times": [], "cpu": 0.0, "wall": 0.0, "ticks": {}}
+               for n in device_counts}
         for n, step in steps.items():  # compile, and keep the answer to compare
             ell, grad = jax.block_until_ready(step(theta))
             res[n]["loss"] = float(ell)
             res[n]["grad"] = np.asarray(grad)
         for _ in range(rounds):
             for n, step in steps.items():
-                c0, t0 = time.process_time(), time.perf_counter()
+                k0, c0, t0 = _thread_ticks(), time.process_time(), time.perf_counter()
                 jax.block_until_ready(step(theta))
-                c1, t1 = time.process_time(), time.perf_counter()
+                c1, t1, k1 = time.process_time(), time.perf_counter(), _thread_ticks()
+                for tid, v in k1.items():
+                    res[n]["ticks"][tid] = res[n]["ticks"].get(tid, 0) + v - k0.get(tid, 0)
                 res[n]["times"].append(t1 - t0)
                 res[n]["cpu"] += c1 - c0
                 res[n]["wall"] += t1 - t0
@@ -99,6 +143,7 @@ def measure(device_counts, workloads: dict, rounds: int) -> dict:
                 "seconds": min(r["times"]),
                 "solves": batch * samples,
                 "cores_used": r["cpu"] / r["wall"],
+                "busy_threads": _busy_threads({}, r["ticks"]),
                 "loss": r["loss"],
                 "grad": r["grad"].ravel()[:20000].tolist(),  # enough to compare
             }
@@ -157,7 +202,8 @@ def main(quick: bool = False, devices=(1, 2, 4), rounds: int = 7,
         results = measure(devices, QUICK if quick else WORKLOADS, rounds)
     after = available_speedup()
     header = (f"{'workload':<9} {'devices':>7} {'solves':>7} {'step s':>8} "
-              f"{'solves/s':>9} {'speed-up':>9} {'cores used':>10} {'grad diff':>10}")
+              f"{'solves/s':>9} {'speed-up':>9} {'cores used':>10} {'threads':>7} "
+              f"{'grad diff':>10}")
     print(f"\nplatform: {results.pop('platform')}, "
           f"{'one process per device count' if separate else 'one process, sub-meshes'}")
     print(f"{header}\n{'-' * len(header)}")
@@ -171,7 +217,7 @@ def main(quick: bool = False, devices=(1, 2, 4), rounds: int = 7,
             grad_diff = max(abs(a - b) for a, b in zip(r["grad"], base["grad"]))
             print(f"{name:<9} {n:>7} {r['solves']:>7} {r['seconds']:>8.4f} "
                   f"{r['solves'] / r['seconds']:>9.1f} {speedup:>8.2f}x "
-                  f"{r['cores_used']:>10.2f} {grad_diff:>10.1e}")
+                  f"{r['cores_used']:>10.2f} {r['busy_threads']:>7} {grad_diff:>10.1e}")
             if grad_diff > 1e-5 or abs(r["loss"] - base["loss"]) > 1e-4 * (
                 1 + abs(base["loss"])
             ):
@@ -181,6 +227,8 @@ def main(quick: bool = False, devices=(1, 2, 4), rounds: int = 7,
         f"{before:.2f} before, {after:.2f} after (2.00 on two idle cores)\n"
         "speed-up = step time on one device / on N devices (same key, same answer);\n"
         "cores used = CPU seconds / wall seconds of the process while timing that count;"
+        "\nthreads = threads that each did >= 20% of the busiest one's work in those steps"
+        "\n  (XLA's own intra-op threads count too; each can use a free core);"
         "\ngrad diff = max |gradient - one-device gradient|"
     )
     return ratios

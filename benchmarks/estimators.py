@@ -26,8 +26,10 @@ Timings are the minimum over repeats (the machine is shared with other jobs).
 
 Run it with
 
-    python benchmarks/estimators.py            # everything (a few minutes)
-    python benchmarks/estimators.py --quick    # smaller reference and fewer repeats
+    python benchmarks/estimators.py                  # everything (about 20 minutes)
+    python benchmarks/estimators.py --quick          # smaller reference, fewer repeats
+    python benchmarks/estimators.py --parts timing   # one part (calls, mse, timing,
+                                                     # pipeline)
 """
 
 import argparse
@@ -456,30 +458,41 @@ def pipeline(n=6, m=100, sigma=0.2, steps=20, repeats=5):
     return out
 
 
-def main(quick: bool = False, budget: int = 200):
+def main(quick: bool = False, budget: int = 200, parts=("calls", "mse", "timing", "pipeline")):
     print(f"jax {jax.__version__}, devices {jax.devices()}")
-    print("\nSolver calls per value_and_grad, in units of num_samples M (M = 10), counted")
-    for name, calls in count_calls().items():
-        print(f"    {name:40s} {calls:.1f} M")
-    reps = 100 if quick else 400
-    n_ref = 200_000 if quick else 1_000_000
-    results = {}
-    for problem in make_problems(quick):
-        t0 = time.perf_counter()
-        results[problem["name"]] = gradient_mse(problem, budget, reps, n_ref)
-        print(f"  measured {problem['name']} in {time.perf_counter() - t0:.0f} s", flush=True)
-    print(f"\n{reps} keys per estimate; reference: exact (simplex) or {n_ref} samples.")
-    print_mse_tables(results, budget)
+    out = {}
+    if "calls" in parts:
+        print("\nSolver calls per value_and_grad, in units of num_samples M (M = 10), counted")
+        out["calls"] = count_calls()
+        for name, calls in out["calls"].items():
+            print(f"    {name:40s} {calls:.1f} M")
+    if "mse" in parts:
+        reps = 100 if quick else 400
+        n_ref = 200_000 if quick else 1_000_000
+        out["mse"] = {}
+        for problem in make_problems(quick):
+            t0 = time.perf_counter()
+            out["mse"][problem["name"]] = gradient_mse(problem, budget, reps, n_ref)
+            print(f"  measured {problem['name']} in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"\n{reps} keys per estimate; reference: exact (simplex) or {n_ref} samples.")
+        print_mse_tables(out["mse"], budget)
     repeats = 5 if quick else 20
-    timings = timing(repeats=repeats)
-    pipe = pipeline(repeats=repeats)
-    pipe100 = pipeline(n=100, m=1000, sigma=0.2, repeats=max(3, repeats // 4))
-    return dict(mse=results, timing=timings, pipeline=pipe, pipeline100=pipe100)
+    if "timing" in parts:
+        out["timing"] = timing(repeats=repeats)
+    if "pipeline" in parts:
+        out["pipeline"] = pipeline(repeats=repeats)
+        out["pipeline100"] = pipeline(n=100, m=1000, sigma=0.2, repeats=max(3, repeats // 4))
+    return out
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller and faster")
     parser.add_argument("--budget", type=int, default=200, help="solver calls per gradient")
+    parser.add_argument(
+        "--parts",
+        default="calls,mse,timing,pipeline",
+        help="comma-separated subset of calls,mse,timing,pipeline",
+    )
     args = parser.parse_args()
-    main(quick=args.quick, budget=args.budget)
+    main(quick=args.quick, budget=args.budget, parts=tuple(args.parts.split(",")))

@@ -72,7 +72,7 @@ CONFIG = {
     "learning_rate": 3e-3,
     "batch_size": 32,
     "steps": 1500,
-    "quick_steps": 200,
+    "quick_steps": 120,
 }
 NOISES = {"normal": sp.Normal, "gumbel": sp.Gumbel}
 

@@ -102,8 +102,8 @@ def evaluate(model, images, costs, paths):
 
 def main(quick: bool = False, outdir: str = "examples/out") -> dict:
     grid = (12, 12)
-    num_train, num_test = (200, 100) if quick else (2000, 500)
-    steps = 80 if quick else 1500
+    num_train, num_test = (160, 100) if quick else (2000, 500)
+    steps = 60 if quick else 1500
     batch_size, num_samples = 16, 8
     images, costs, paths = make_data(num_train + num_test, grid, seed=0)
     x_train, y_train = images[:num_train], paths[:num_train]
