@@ -490,7 +490,8 @@ class PerturbedOptimizer(eqx.Module):
             )
         check_mesh(self.mesh, self.mesh_axes, "PerturbedOptimizer")
 
-    def _run(self, theta, key, who: str, stats: bool = False, cotangent=None):
+    def _setup(self, theta, key, who: str):
+        """Validate the inputs (at trace time); flatten the batch; build the config."""
         ndim = _check_theta(theta, self.solver.event_ndim, who)
         if not isinstance(key, jax.Array):
             raise TypeError(
@@ -524,20 +525,12 @@ class PerturbedOptimizer(eqx.Module):
             symmetric_jacobian=self.symmetric_jacobian,
         )
         flat = theta.reshape(-1, *event_shape)
-        if stats:
-            cot = None if cotangent is None else jnp.reshape(cotangent, flat.shape)
-            st = _stats(flat, sigma, key, cot, cfg=cfg)
-            full = lambda a: None if a is None else a.reshape(theta.shape)
-            return MonteCarloStats(
-                y_eps=full(st.y_eps),
-                y_eps_stderr=full(st.y_eps_stderr),
-                max=st.max.reshape(batch_shape),
-                max_stderr=st.max_stderr.reshape(batch_shape),
-                vjp=full(st.vjp),
-                vjp_stderr=full(st.vjp_stderr),
-            )
+        return flat, sigma, cfg, batch_shape
+
+    def _run(self, theta, key, who: str):
+        flat, sigma, cfg, batch_shape = self._setup(theta, key, who)
         y_eps, f_eps = _jit_kernel(flat, sigma, key, cfg=cfg)
-        return y_eps.reshape(*batch_shape, *event_shape), f_eps.reshape(batch_shape)
+        return y_eps.reshape(theta.shape), f_eps.reshape(batch_shape)
 
     def __call__(
         self, theta: Float[Array, "*batch_event"], *, key: PRNGKeyArray
@@ -614,4 +607,14 @@ class PerturbedOptimizer(eqx.Module):
                     f"`theta` {getattr(theta, 'shape', None)}, got {cotangent.shape} "
                     "(it is the gradient of the loss with respect to y_eps)."
                 )
-        return self._run(theta, key, "PerturbedOptimizer.stats", True, cotangent)
+        flat, sigma, cfg, batch_shape = self._setup(theta, key, "PerturbedOptimizer.stats")
+        cot = None if cotangent is None else jnp.reshape(cotangent, flat.shape)
+        st = _stats(flat, sigma, key, cot, cfg=cfg)
+        return MonteCarloStats(
+            y_eps=st.y_eps.reshape(theta.shape),
+            y_eps_stderr=st.y_eps_stderr.reshape(theta.shape),
+            max=st.max.reshape(batch_shape),
+            max_stderr=st.max_stderr.reshape(batch_shape),
+            vjp=None if st.vjp is None else st.vjp.reshape(theta.shape),
+            vjp_stderr=None if st.vjp_stderr is None else st.vjp_stderr.reshape(theta.shape),
+        )

