@@ -486,7 +486,7 @@ def main(quick: bool = False, budget: int = 200, parts=("calls", "mse", "timing"
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller and faster")
     parser.add_argument("--budget", type=int, default=200, help="solver calls per gradient")
     parser.add_argument(
