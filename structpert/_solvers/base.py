@@ -6,7 +6,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 
@@ -206,8 +205,3 @@ def make_solver(name: str, **kwargs: Any) -> AbstractSolver:
 def list_solvers() -> list[str]:
     """The names of all registered solvers, sorted."""
     return sorted(_REGISTRY)
-
-
-def as_float(y: Array, dtype: jnp.dtype) -> Array:
-    """Cast a solver output to the floating dtype of theta."""
-    return jnp.asarray(y).astype(dtype)
