@@ -87,9 +87,10 @@ def _batches(rng, n, batch_size):
 
 
 @eqx.filter_jit
-def train_epoch(model, opt_state, x, y, idx, weights, keys, lr: float):
+def train_epoch(model, opt_state, x, y, idx, weights, seeds, lr: float):
     """One epoch of Adam on the Fenchel-Young loss: one `lax.scan` over the minibatches
-    `idx` (compiled once, reused for every epoch and every seed)."""
+    `idx` (compiled once, reused for every epoch and every seed). `seeds` holds one
+    integer per minibatch, turned into that minibatch's key inside the scan."""
     optim = optax.adam(lr)
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
@@ -100,31 +101,44 @@ def train_epoch(model, opt_state, x, y, idx, weights, keys, lr: float):
 
     def step(carry, batch):
         params, opt_state = carry
-        ib, wb, kb = batch
-        loss, grads = jax.value_and_grad(batch_loss)(params, x[ib], y[ib], wb, kb)
+        ib, wb, seed = batch
+        key = jax.random.key(seed)
+        loss, grads = jax.value_and_grad(batch_loss)(params, x[ib], y[ib], wb, key)
         updates, opt_state = optim.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
-    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (idx, weights, keys))
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (idx, weights, seeds))
     return eqx.combine(params, static), opt_state, jnp.mean(losses)
+
+
+def init_linear(rng: np.random.Generator, n_in: int, n_out: int) -> eqx.nn.Linear:
+    """`eqx.nn.Linear(n_in, n_out)` with its default initialisation (uniform in
+    +-1/sqrt(n_in), as PyTorch's), drawn with numpy: a one-off initialisation then
+    compiles nothing (on CPU, compiling JAX's random-number kernels for it takes
+    longer than the whole training run)."""
+    shapes = eqx.filter_eval_shape(eqx.nn.Linear, n_in, n_out, key=jax.random.key(0))
+    bound = 1 / np.sqrt(n_in)
+    weight = rng.uniform(-bound, bound, (n_out, n_in)).astype(np.float32)
+    bias = rng.uniform(-bound, bound, (n_out,)).astype(np.float32)
+    return eqx.tree_at(lambda m: (m.weight, m.bias), shapes, (jnp.asarray(weight), jnp.asarray(bias)))
 
 
 def train_fy(train, *, seed, epochs=20, batch_size=32, lr=1e-2, on_epoch=None):
     """Train Linear(5, 40) with the perturbed Fenchel-Young loss; returns the model
     and the mean training loss of each epoch. `on_epoch(i, model, loss)` is called
-    before training (i = 0) and after each epoch."""
+    before training (i = 0) and after each epoch. One numpy generator drives the
+    initialisation, the shuffling and the minibatch keys."""
     x, _, y = train
     rng = np.random.default_rng(seed)
-    init_key, key = jax.random.split(jax.random.key(seed))
-    model = eqx.nn.Linear(x.shape[1], y.shape[1], key=init_key)
+    model = init_linear(rng, x.shape[1], y.shape[1])
     opt_state = optax.adam(lr).init(eqx.filter(model, eqx.is_inexact_array))
     history = []
     if on_epoch is not None:
         on_epoch(0, model, float("nan"))
     for i in range(epochs):
         idx, weights = _batches(rng, x.shape[0], batch_size)
-        keys = jax.random.split(jax.random.fold_in(key, i), idx.shape[0])
-        model, opt_state, loss = train_epoch(model, opt_state, x, y, idx, weights, keys, lr)
+        seeds = rng.integers(0, 2**31 - 1, idx.shape[0], dtype=np.int32)
+        model, opt_state, loss = train_epoch(model, opt_state, x, y, idx, weights, seeds, lr)
         history.append(float(loss))
         if on_epoch is not None:
             on_epoch(i + 1, model, history[-1])

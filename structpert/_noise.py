@@ -20,7 +20,10 @@ class AbstractNoise(eqx.Module):
 
     Subclass it to add a noise: implement `sample` and `grad_nu`, and set the class
     variable `symmetric` (whether $Z$ and $-Z$ have the same law, which makes
-    antithetic sampling valid).
+    antithetic sampling valid). Optionally set `elementwise = True` when each entry
+    of `sample(key, shape, dtype)` is a function of its own random bits only (as for
+    `jax.random.normal`); the layer then draws a whole batch in one call (see
+    `PerturbedOptimizer`, **Keys**), which compiles faster.
 
     !!! Example
 
@@ -37,6 +40,7 @@ class AbstractNoise(eqx.Module):
     """
 
     symmetric: eqx.AbstractClassVar[bool]
+    elementwise: ClassVar[bool] = False
 
     @abc.abstractmethod
     def sample(
@@ -75,6 +79,7 @@ class Gumbel(AbstractNoise):
     """
 
     symmetric: ClassVar[bool] = False
+    elementwise: ClassVar[bool] = True
 
     def sample(
         self, key: PRNGKeyArray, shape: tuple[int, ...], dtype: jnp.dtype
@@ -94,6 +99,7 @@ class Normal(AbstractNoise):
     """
 
     symmetric: ClassVar[bool] = True
+    elementwise: ClassVar[bool] = True
 
     def sample(
         self, key: PRNGKeyArray, shape: tuple[int, ...], dtype: jnp.dtype

@@ -47,21 +47,32 @@ class _Config(eqx.Module):
 
 
 def _draw_noise(cfg: _Config, key: PRNGKeyArray, batch: int, event_shape, dtype) -> Array:
-    """Noise Z of shape (batch, M, *event): instance i uses `fold_in(key, i)`.
+    """Noise Z of shape (batch, M, *event); instance i's noise depends only on `key`
+    and i, so it is the same whatever the batch size, chunking or device count.
 
-    Instance i therefore sees the same noise whatever the batch size, with or without
-    `vmap`, and however the solver calls are split across chunks or devices.
+    With an `elementwise` noise and a Threefry key under JAX's default partitionable
+    Threefry, the whole array is one draw: each entry then depends only on the key
+    and its index, and as the batch is the leading axis, instance i's entries have
+    the same indices for any batch size (one random-number kernel to compile instead
+    of two). Otherwise instance i draws from `jax.random.fold_in(key, i)`.
     """
-    m = cfg.num_samples
+    m = cfg.num_samples // 2 if cfg.antithetic else cfg.num_samples
+    if _one_draw(cfg.noise, key):
+        z = cfg.noise.sample(key, (batch, m, *event_shape), dtype)
+    else:
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+        z = jax.vmap(lambda k: cfg.noise.sample(k, (m, *event_shape), dtype))(keys)
+    return jnp.concatenate([z, -z], axis=1) if cfg.antithetic else z
 
-    def one_instance(k):
-        if cfg.antithetic:
-            z = cfg.noise.sample(k, (m // 2, *event_shape), dtype)
-            return jnp.concatenate([z, -z], axis=0)
-        return cfg.noise.sample(k, (m, *event_shape), dtype)
 
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
-    return jax.vmap(one_instance)(keys)
+def _one_draw(noise: AbstractNoise, key: PRNGKeyArray) -> bool:
+    """Whether one draw of the whole noise array is batch-size independent."""
+    return (
+        type(noise).elementwise
+        and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        and str(jax.random.key_impl(key)) == "threefry2x32"
+        and bool(jax.config.jax_threefry_partitionable)
+    )
 
 
 def _perturb(cfg: _Config, theta: Array, sigma: Array, z: Array) -> Array:
@@ -404,9 +415,12 @@ class PerturbedOptimizer(eqx.Module):
       The weights come from the same samples, which leaves a bias of order $1/M$,
       far below the Monte-Carlo error (not detected in our tests).
 
-    **Keys:** one key for the whole batch; instance $i$ (in row-major order over the
-    batch axes) uses `jax.random.fold_in(key, i)`, so results do not depend on the
-    batch size, on `vmap` or on chunking.
+    **Keys:** one key for the whole batch; the noise of instance $i$ (in row-major
+    order over the batch axes) depends only on the key and $i$, so results do not
+    depend on the batch size, on chunking or on the number of devices. With the
+    built-in noises and JAX's default Threefry keys, the `(batch, num_samples,
+    *event)` noise is one draw whose entries depend only on the key and their index;
+    otherwise instance $i$ draws from `jax.random.fold_in(key, i)`.
 
     !!! Example
 
@@ -510,7 +524,8 @@ class PerturbedOptimizer(eqx.Module):
         sigma = jnp.asarray(self.sigma, theta.dtype)
         if sigma.ndim != 0:
             raise ValueError(f"{who}: `sigma` must be a scalar, got shape {sigma.shape}.")
-        sigma = eqx.error_if(sigma, sigma <= 0, f"{who}: `sigma` must be > 0.")
+        if not isinstance(self.sigma, int | float):  # numbers were checked at construction
+            sigma = eqx.error_if(sigma, sigma <= 0, f"{who}: `sigma` must be > 0.")
         cfg = _Config(
             solver=self.solver,
             noise=self.noise,

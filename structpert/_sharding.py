@@ -12,7 +12,7 @@ that one call becomes a `jax.shard_map` over the chosen mesh axes:
 
 Everything else (noise, perturbation, averages, derivatives) stays outside the
 `shard_map`, written as ordinary array code that XLA partitions itself. The noise of
-instance i is drawn with `fold_in(key, i)` before the stack is built, so the result
+instance i depends only on the key and i and is drawn before the stack is built, so the result
 does not depend on the number of devices: sharding changes where a solve runs, never
 what is solved.
 

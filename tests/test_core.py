@@ -1,6 +1,7 @@
 """The layer and the loss: closed forms, transformations, one solver pass, errors."""
 
 import math
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -237,6 +238,44 @@ def test_batch_axes_and_batch_size_independence():
     # an unbatched call equals instance 0 of a batch
     np.testing.assert_allclose(opt(theta[0, 0], key=key), flat[0])
     assert opt.max(theta, key=key).shape == (2, 3)
+
+
+class _NotElementwiseNormal(sp.Normal):
+    """The Normal law, without the `elementwise` promise: drawn per instance."""
+
+    elementwise: ClassVar[bool] = False
+
+
+@pytest.mark.parametrize(
+    "noise, impl, antithetic, one_draw",
+    [
+        (sp.Normal(), "threefry2x32", False, True),
+        (sp.Normal(), "threefry2x32", True, True),
+        (sp.Gumbel(), "threefry2x32", False, True),
+        (sp.Normal(), "rbg", False, False),
+        (_NotElementwiseNormal(), "threefry2x32", True, False),
+    ],
+)
+def test_noise_of_instance_i_depends_only_on_key_and_i(noise, impl, antithetic, one_draw):
+    from structpert._perturbed import _Config, _draw_noise, _one_draw
+
+    key = jax.random.key(7, impl=impl)
+    f32 = jnp.dtype("float32")
+    assert _one_draw(noise, key) == one_draw
+    cfg = _Config(sp.Permutahedron(), noise, 6, 1, "additive", "none", antithetic, None)
+    z9 = _draw_noise(cfg, key, 9, (4,), f32)
+    z2 = _draw_noise(cfg, key, 2, (4,), f32)
+    assert z9.shape == (9, 6, 4)
+    np.testing.assert_array_equal(z9[:2], z2)
+    if antithetic:
+        np.testing.assert_array_equal(z9[:, 3:], -z9[:, :3])
+    # distinct instances and samples get distinct noise
+    assert np.unique(np.asarray(z9[:, : 3 if antithetic else 6])).size == 9 * 4 * (
+        3 if antithetic else 6
+    )
+    if not one_draw and impl == "threefry2x32":  # the fallback draws from fold_in(key, i)
+        z = noise.sample(jax.random.fold_in(key, 5), (3 if antithetic else 6, 4), f32)
+        np.testing.assert_array_equal(z9[5, : z.shape[0]], z)
 
 
 def test_jit_vmap_and_filter_jit_agree():

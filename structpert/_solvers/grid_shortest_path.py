@@ -140,7 +140,9 @@ def _relax(costs: Array, connectivity: int) -> tuple[Array, Array]:
     the sweep at which its distance was last improved. The loop stops once no cell
     cheaper than the target improved in a sweep (with costs >= 0 such cells can no
     longer improve the target), and after at most H * W sweeps (the Bellman-Ford
-    bound), whichever comes first.
+    bound), whichever comes first. Two sweeps run per loop step (half the loop-condition
+    evaluations); an extra sweep only lowers cells that are not cheaper than the
+    target, so the path found stays optimal and deterministic.
     """
     h, w, _ = costs.shape
     dist = jnp.full(costs.shape, jnp.inf, costs.dtype).at[0, 0].set(costs[0, 0])
@@ -148,12 +150,15 @@ def _relax(costs: Array, connectivity: int) -> tuple[Array, Array]:
 
     def sweep(carry):
         dist, settled, _, it = carry
-        new = jnp.minimum(dist, _neighbour_min(dist, connectivity) + costs)
-        # Materialise `new` once instead of letting XLA recompute it in each consumer.
-        new = jax.lax.optimization_barrier(new)
-        improved = new < dist
-        active = jnp.any(improved & (new < dist[h - 1 :, w - 1 :]))
-        return new, jnp.where(improved, it + 1, settled), active, it + 1
+        active = jnp.array(False)
+        for _ in range(2):
+            new = jnp.minimum(dist, _neighbour_min(dist, connectivity) + costs)
+            # Materialise `new` once instead of letting XLA recompute it in each consumer.
+            new = jax.lax.optimization_barrier(new)
+            improved = new < dist
+            active = active | jnp.any(improved & (new < dist[h - 1 :, w - 1 :]))
+            dist, settled, it = new, jnp.where(improved, it + 1, settled), it + 1
+        return dist, settled, active, it
 
     def cond(carry):
         _, _, active, it = carry
@@ -167,36 +172,36 @@ def _relax(costs: Array, connectivity: int) -> tuple[Array, Array]:
 def _backtrack(dist: Array, settled: Array, offsets) -> Array:
     """Walk back from the bottom-right cell to the top-left one; returns `y (H, W, N)`.
 
-    From each cell the walk moves to the neighbour of least distance, then of earliest
-    `settled` sweep, then first in `offsets` order. Along a step to a neighbour of
-    equal distance (zero-cost cells) `settled` strictly decreases, so the walk never
-    loops and reaches the source in fewer than H * W steps.
+    Each cell's predecessor is chosen for all cells at once: the neighbour of least
+    distance, then of earliest `settled` sweep, then first in `offsets` order. Along a
+    step to a neighbour of equal distance (zero-cost cells) `settled` strictly
+    decreases, so the walk never loops and reaches the source in fewer than H * W
+    steps; each step is then a single gather.
     """
     h, w, n = dist.shape
-    hp, wp = h + 2, w + 2  # pad with a ring of cells that are never chosen
     big = np.iinfo(np.int32).max
-    ring = ((1, 1), (1, 1), (0, 0))
-    dist = jnp.pad(dist, ring, constant_values=jnp.inf).reshape(hp * wp, n)
-    settled = jnp.pad(settled, ring, constant_values=big).reshape(hp * wp, n)
-    steps = jnp.asarray(np.array([[di * wp + dj] for di, dj in offsets], np.int32))
-    source, target = wp + 1, h * wp + w
-    y = jnp.zeros((hp * wp, n), jnp.bool_).at[source].set(True).at[target].set(True)
-    node = jnp.full((1, n), target, jnp.int32)
+    ring = ((1, 1), (1, 1), (0, 0))  # a ring of cells that are never chosen
+    dist = jnp.pad(dist, ring, constant_values=jnp.inf)
+    settled = jnp.pad(settled, ring, constant_values=big)
+    near_d = jnp.stack([dist[1 + a : 1 + a + h, 1 + b : 1 + b + w] for a, b in offsets])
+    near_s = jnp.stack([settled[1 + a : 1 + a + h, 1 + b : 1 + b + w] for a, b in offsets])
+    near_s = jnp.where(near_d == jnp.min(near_d, axis=0, keepdims=True), near_s, big)
+    steps = jnp.asarray(np.array([a * w + b for a, b in offsets], np.int32))
+    cells = jnp.arange(h * w, dtype=jnp.int32).reshape(h, w, 1)
+    pred = (cells + steps[jnp.argmin(near_s, axis=0)]).reshape(h * w, n)
+    source, target = 0, h * w - 1
+    y = jnp.zeros((h * w, n), jnp.bool_).at[source].set(True).at[target].set(True)
     cols = jnp.arange(n)
 
     def body(carry):
         y, node, it = carry
-        neighbours = node + steps  # (K, N) flat cell indices
-        d = jnp.take_along_axis(dist, neighbours, axis=0)
-        s = jnp.take_along_axis(settled, neighbours, axis=0)
-        s = jnp.where(d == jnp.min(d, axis=0, keepdims=True), s, big)
-        best = jnp.take_along_axis(neighbours, jnp.argmin(s, axis=0, keepdims=True), axis=0)
-        node = jnp.where(node == source, source, best)
+        node = jnp.where(node == source, source, jnp.take_along_axis(pred, node, axis=0))
         return y.at[node[0], cols].set(True), node, it + 1
 
     def cond(carry):
         _, node, it = carry
         return jnp.any(node != source) & (it < h * w)
 
+    node = jnp.full((1, n), target, jnp.int32)
     y, _, _ = jax.lax.while_loop(cond, body, (y, node, jnp.array(0, jnp.int32)))
-    return y.reshape(hp, wp, n)[1 : h + 1, 1 : w + 1]
+    return y.reshape(h, w, n)
