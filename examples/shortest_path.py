@@ -120,7 +120,8 @@ def init_linear(rng: np.random.Generator, n_in: int, n_out: int) -> eqx.nn.Linea
     bound = 1 / np.sqrt(n_in)
     weight = rng.uniform(-bound, bound, (n_out, n_in)).astype(np.float32)
     bias = rng.uniform(-bound, bound, (n_out,)).astype(np.float32)
-    return eqx.tree_at(lambda m: (m.weight, m.bias), shapes, (jnp.asarray(weight), jnp.asarray(bias)))
+    params = (jnp.asarray(weight), jnp.asarray(bias))
+    return eqx.tree_at(lambda m: (m.weight, m.bias), shapes, params)
 
 
 def train_fy(train, *, seed, epochs=20, batch_size=32, lr=1e-2, on_epoch=None):
