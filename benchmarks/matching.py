@@ -91,7 +91,8 @@ def main(quick: bool = False, sizes=(10, 50, 100), num_samples=200, repeats=7):
         sizes, num_samples, repeats = (10, 20), 50, 3
     print(f"backend: {jax.default_backend()}; M = {num_samples} instances per call; "
           f"min of {repeats} repeats")
-    print(f"auto method here: {sp.BipartiteMatching().resolved_method()}")
+    auto = sp.BipartiteMatching()
+    print("auto method here: " + ", ".join(f"n={n}: {auto.resolved_method(n)}" for n in sizes))
     header = (f"{'n':>4} {'clock':>5} {'ours jax':>10} {'ours cb':>10} "
               f"{'scipy loop':>11} {'optax':>10} | {'scipy/jax':>9} {'optax/jax':>9} "
               f"{'scipy/cb':>8} {'optax/cb':>8}")

@@ -96,7 +96,7 @@ def main(quick: bool = False, outdir: str = "examples/out"):
     acc0 = float(eval_acc(model, x_test, y_test))
     steps_log.append(0)
     accs.append(acc0)
-    print(f"solver method: {solver.resolved_method()}")
+    print(f"solver method: {solver.resolved_method(n)}")
     print(f"step     0  test accuracy {acc0:.3f}")
     running = []
     for step in range(1, steps + 1):

@@ -239,8 +239,10 @@ def test_methods_registry_and_auto():
     assert isinstance(sp.make_solver("bipartite_matching"), sp.BipartiteMatching)
     assert "bipartite_matching" in sp.list_solvers()
     assert sp.BipartiteMatching.event_ndim == 2
-    expected = "scipy" if jax.default_backend() == "cpu" else "jax"
-    assert sp.BipartiteMatching().resolved_method() == expected
+    on_cpu = jax.default_backend() == "cpu"
+    assert sp.BipartiteMatching().resolved_method(10) == ("scipy" if on_cpu else "jax")
+    assert sp.BipartiteMatching().resolved_method(50) == "jax"
+    assert sp.BipartiteMatching(method="scipy").resolved_method(50) == "scipy"
     rng = np.random.default_rng(11)
     thetas = jnp.asarray(rng.standard_normal((300, 3, 4)))  # shares a compilation
     y_scipy = jax.jit(sp.BipartiteMatching(method="scipy").argmax_batch)(thetas)

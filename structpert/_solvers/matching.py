@@ -37,6 +37,8 @@ _SEARCH, _AUGMENT, _DONE = 0, 1, 2
 # the loop goes on with those only (once: each stage is one more compiled loop).
 _SHRINK = 4
 _MIN_SHRINK = 128
+# method="auto" on the CPU: the JAX kernel from this many rows on, SciPy below.
+_AUTO_MIN_ROWS = 32
 
 
 def max_iterations(n: int) -> int:
@@ -327,8 +329,12 @@ class BipartiteMatching(AbstractBatchedSolver):
       any backend. Arithmetic in the dtype of `theta`.
     - `"scipy"`: `scipy.optimize.linear_sum_assignment` in float64 on the host, one
       `jax.pure_callback` for the whole stack (nested `vmap`s still make one call).
-    - `"auto"` (default): `"scipy"` when JAX runs on the CPU and SciPy is installed
-      (it is the faster of the two there), `"jax"` otherwise.
+    - `"auto"` (default): `"jax"` on GPU/TPU, and on the CPU for `n >= 32` rows;
+      `"scipy"` for smaller instances on the CPU (when SciPy is installed). Measured
+      on 200 perturbed copies of an n x n problem (`benchmarks/matching.py`), on 2
+      idle CPU cores the JAX kernel is 1.5x slower than SciPy's per-instance loop at
+      n = 10, level near n = 30, 1.1x faster at n = 50 and 1.7x at n = 100; on an
+      H100 GPU it is 2.8x faster than SciPy's loop at n = 50 and 4.9x at n = 100.
 
     **Ties** are broken deterministically: the result is a function of `theta` alone
     (the same under `jit`, `vmap`, any batch size). With `"jax"`, whenever several
@@ -379,11 +385,11 @@ class BipartiteMatching(AbstractBatchedSolver):
                 "use method='jax' for the pure-JAX kernel."
             )
 
-    def resolved_method(self) -> str:
-        """The method actually used on the current default backend."""
+    def resolved_method(self, n: int = _AUTO_MIN_ROWS) -> str:
+        """The method used for instances of `n` rows on the current default backend."""
         if self.method != "auto":
             return self.method
-        if jax.default_backend() == "cpu" and _has_scipy():
+        if jax.default_backend() == "cpu" and n < _AUTO_MIN_ROWS and _has_scipy():
             return "scipy"
         return "jax"
 
@@ -415,7 +421,7 @@ class BipartiteMatching(AbstractBatchedSolver):
             )
         if num == 0 or n == 0:
             return jnp.zeros(thetas.shape, thetas.dtype)
-        if self.resolved_method() == "scipy":
+        if self.resolved_method(n) == "scipy":
             col4row = _solve_scipy(thetas)
         else:
             thetas = eqx.error_if(
