@@ -22,6 +22,8 @@ device receives is exactly its own instances' samples: no gather is needed.
 """
 
 import math
+import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -130,6 +132,8 @@ def shard_solve(
     def local(dynamic_, block):
         return solve(eqx.combine(dynamic_, static), block)
 
+    _warn_cpu_callbacks(local, dynamic, thetas, mesh)
+
     # check_vma=False: the body has no collectives, and it lets solvers with loops,
     # scatters into constants or host callbacks run without replication annotations.
     ys = jax.shard_map(
@@ -144,6 +148,47 @@ def shard_solve(
     if pad:
         ys = _reshard(ys, mesh, PartitionSpec())[:n]
     return _reshard(ys, mesh, PartitionSpec(in_rows))
+
+
+def _num_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _warn_cpu_callbacks(local, dynamic, thetas: Array, mesh: Mesh) -> None:
+    """Warn when a solver that calls back into Python is spread over more CPU devices
+    than the machine has cores: XLA's CPU runtime can then deadlock in the collective
+    that follows the callbacks (seen with jax 0.10: 4 host devices on 2 cores stop
+    after 40 s with a "Termination timeout for `all reduce`" error; 2 on 2 cores and 8
+    on 16 cores run)."""
+    devices = mesh.devices.size
+    if mesh.devices.flat[0].platform != "cpu" or devices <= _num_cores():
+        return
+    block = jax.ShapeDtypeStruct((1, *thetas.shape[1:]), thetas.dtype)
+    if _calls_back(jax.make_jaxpr(local)(dynamic, block).jaxpr):
+        warnings.warn(
+            f"the solver calls back into Python (a host callback) and is spread over "
+            f"{devices} CPU devices on a machine with {_num_cores()} cores: XLA's CPU "
+            "runtime can deadlock there (it stops after 40 s with a 'Termination "
+            "timeout' error). Use a mesh of at most as many CPU devices as cores; more "
+            "devices do not make host callbacks faster anyway.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def _calls_back(jaxpr) -> bool:
+    """Whether a jaxpr (or any jaxpr nested in it) has a host-callback primitive."""
+    for eqn in jaxpr.eqns:
+        if "callback" in eqn.primitive.name:
+            return True
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns") and _calls_back(inner):
+                    return True
+    return False
 
 
 def _reshard(x: Array, mesh: Mesh, spec: PartitionSpec) -> Array:
