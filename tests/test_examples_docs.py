@@ -310,3 +310,13 @@ def test_home_page_shows_the_readme_quick_example():
     assert first.group("code") in (DOCS / "index.md").read_text(), (
         "docs/index.md should show README.md's quick example verbatim; copy it over"
     )
+
+
+def test_every_example_is_embedded_in_the_docs():
+    pages = "\n".join(p.read_text() for p in DOCS.rglob("*.md"))
+    missing = [
+        script.name
+        for script in sorted(EXAMPLES.glob("*.py"))
+        if f'--8<-- "examples/{script.name}"' not in pages
+    ]
+    assert not missing, f"embed these examples in a docs page (and mkdocs.yml): {missing}"
