@@ -69,9 +69,9 @@ def _one_draw(noise: AbstractNoise, key: PRNGKeyArray) -> bool:
     """Whether one draw of the whole noise array is batch-size independent."""
     return (
         type(noise).elementwise
-        and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
         and str(jax.random.key_impl(key)) == "threefry2x32"
-        and bool(jax.config.jax_threefry_partitionable)
+        and bool(getattr(jax.config, "jax_threefry_partitionable", False))
     )
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 def _check_grid(grid, who: str) -> tuple[int, int]:
     try:
-        dims = tuple(grid)
+        dims: tuple = tuple(grid)
     except TypeError:
         dims = ()
     ok = len(dims) == 2 and all(

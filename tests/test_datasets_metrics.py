@@ -109,9 +109,9 @@ def test_warcraft_maps():
 
 def test_dataset_errors():
     bad_calls = [
-        lambda: datasets.grid_arcs((5,)),
+        lambda: datasets.grid_arcs((5,)),  # pyright: ignore[reportArgumentType]
         lambda: datasets.grid_arcs((1, 1)),
-        lambda: datasets.grid_arcs((2.5, 3)),
+        lambda: datasets.grid_arcs((2.5, 3)),  # pyright: ignore[reportArgumentType]
         lambda: datasets.shortest_path_data(0),
         lambda: datasets.shortest_path_data(10, deg=0),
         lambda: datasets.shortest_path_data(10, noise_width=-0.1),

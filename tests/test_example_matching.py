@@ -7,6 +7,7 @@ import pathlib
 def _load_example():
     path = pathlib.Path(__file__).parents[1] / "examples" / "matching.py"
     spec = importlib.util.spec_from_file_location("example_matching", path)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -14,7 +14,7 @@ EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "shortes
 @contextlib.contextmanager
 def _float32():
     """Run as a user would: JAX's default float32 (conftest enables x64)."""
-    x64 = jax.config.jax_enable_x64
+    x64 = bool(getattr(jax.config, "jax_enable_x64"))
     jax.config.update("jax_enable_x64", False)
     try:
         yield

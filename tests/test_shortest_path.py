@@ -56,7 +56,7 @@ def assert_grid_paths(y, connectivity):
     assert set(np.unique(y)) <= {0.0, 1.0}
     assert np.all(y[:, 0, 0] == 1) and np.all(y[:, -1, -1] == 1)
     structure = np.ones((3, 3)) if connectivity == 8 else None
-    assert all(label(yk, structure=structure)[1] == 1 for yk in y)
+    assert all(label(yk, structure=structure)[1] == 1 for yk in y)  # pyright: ignore
 
 
 def random_grids(rng, n, h, w):

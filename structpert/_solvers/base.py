@@ -2,7 +2,7 @@
 
 import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -100,6 +100,10 @@ class FunctionSolver(AbstractSolver):
     fn: Callable[[Array], Array] = eqx.field(static=True)
     event_ndim: int | None = eqx.field(default=None, static=True)
 
+    def __init__(self, fn: Callable[[Array], Array], event_ndim: int | None = None):
+        self.fn = fn
+        self.event_ndim = event_ndim
+
     def __check_init__(self):
         if not callable(self.fn):
             raise TypeError(
@@ -164,7 +168,8 @@ def register_solver(name: str) -> Callable[[Any], Any]:
                 "structpert.AbstractSolver. Subclass it, or register a plain function."
             )
         elif callable(obj):
-            _REGISTRY[name] = lambda **kwargs: FunctionSolver(obj, **kwargs)
+            fn = cast(Callable[[Array], Array], obj)
+            _REGISTRY[name] = lambda **kwargs: FunctionSolver(fn, **kwargs)
         else:
             raise TypeError(
                 f"register_solver({name!r}): expected an AbstractSolver subclass or a "

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
@@ -117,7 +118,7 @@ def _levels(source, nodes, edges, senders, receivers, out_adj):
     num_nodes = len(nodes)
     indegree = np.bincount(receivers[edges], minlength=num_nodes)
     level = np.full(num_nodes, -1, np.int64)
-    queue = deque([v for v in np.flatnonzero(nodes) if indegree[v] == 0])
+    queue = deque([int(v) for v in np.flatnonzero(nodes) if indegree[v] == 0])
     if list(queue) != [source]:
         return None
     level[source] = 0
