@@ -87,10 +87,12 @@ def _batches(rng, n, batch_size):
 
 
 @eqx.filter_jit
-def train_epoch(model, opt_state, x, y, idx, weights, seeds, lr: float):
+def train_epoch(model, opt_state, x, c, idx, weights, seeds, lr: float):
     """One epoch of Adam on the Fenchel-Young loss: one `lax.scan` over the minibatches
-    `idx` (compiled once, reused for every epoch and every seed). `seeds` holds one
-    integer per minibatch, turned into that minibatch's key inside the scan."""
+    `idx` (compiled once, reused for every epoch and every seed). The target paths are
+    solved from the true costs `c` inside the step (one matrix product per minibatch,
+    cheaper than keeping them). `seeds` holds one integer per minibatch, turned into
+    that minibatch's key inside the scan."""
     optim = optax.adam(lr)
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
@@ -103,7 +105,8 @@ def train_epoch(model, opt_state, x, y, idx, weights, seeds, lr: float):
         params, opt_state = carry
         ib, wb, seed = batch
         key = jax.random.key(seed)
-        loss, grads = jax.value_and_grad(batch_loss)(params, x[ib], y[ib], wb, key)
+        yb = SOLVER.argmax_batch(-c[ib])  # the optimal paths of the true costs
+        loss, grads = jax.value_and_grad(batch_loss)(params, x[ib], yb, wb, key)
         updates, opt_state = optim.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -116,7 +119,8 @@ def init_linear(rng: np.random.Generator, n_in: int, n_out: int) -> eqx.nn.Linea
     +-1/sqrt(n_in), as PyTorch's), drawn with numpy: a one-off initialisation then
     compiles nothing (on CPU, compiling JAX's random-number kernels for it takes
     longer than the whole training run)."""
-    shapes = eqx.filter_eval_shape(eqx.nn.Linear, n_in, n_out, key=jax.random.key(0))
+    key = jax.eval_shape(jax.random.key, 0)  # only shapes: nothing is computed
+    shapes = eqx.filter_eval_shape(eqx.nn.Linear, n_in, n_out, key=key)
     bound = 1 / np.sqrt(n_in)
     weight = rng.uniform(-bound, bound, (n_out, n_in)).astype(np.float32)
     bias = rng.uniform(-bound, bound, (n_out,)).astype(np.float32)
@@ -125,21 +129,23 @@ def init_linear(rng: np.random.Generator, n_in: int, n_out: int) -> eqx.nn.Linea
 
 
 def train_fy(train, *, seed, epochs=20, batch_size=32, lr=1e-2, on_epoch=None):
-    """Train Linear(5, 40) with the perturbed Fenchel-Young loss; returns the model
-    and the mean training loss of each epoch. `on_epoch(i, model, loss)` is called
-    before training (i = 0) and after each epoch. One numpy generator drives the
-    initialisation, the shuffling and the minibatch keys."""
-    x, _, y = train
+    """Train Linear(5, 40) on `train = (x, c, ...)` (features, true costs) with the
+    perturbed Fenchel-Young loss; returns the model and the mean training loss of each
+    epoch. `on_epoch(i, model, loss)` is called before training (i = 0) and after each
+    epoch. One numpy generator drives the initialisation, the shuffling and the
+    minibatch keys."""
+    x, c = train[0], train[1]
     rng = np.random.default_rng(seed)
-    model = init_linear(rng, x.shape[1], y.shape[1])
-    opt_state = optax.adam(lr).init(eqx.filter(model, eqx.is_inexact_array))
+    model = init_linear(rng, x.shape[1], c.shape[1])
+    # jitted: one small compilation instead of one per array operation
+    opt_state = eqx.filter_jit(optax.adam(lr).init)(eqx.filter(model, eqx.is_inexact_array))
     history = []
     if on_epoch is not None:
         on_epoch(0, model, float("nan"))
     for i in range(epochs):
         idx, weights = _batches(rng, x.shape[0], batch_size)
         seeds = rng.integers(0, 2**31 - 1, idx.shape[0], dtype=np.int32)
-        model, opt_state, loss = train_epoch(model, opt_state, x, y, idx, weights, seeds, lr)
+        model, opt_state, loss = train_epoch(model, opt_state, x, c, idx, weights, seeds, lr)
         history.append(float(loss))
         if on_epoch is not None:
             on_epoch(i + 1, model, history[-1])
