@@ -30,6 +30,7 @@ class AbstractNoise(eqx.Module):
         ```python
         class Logistic(sp.AbstractNoise):
             symmetric: ClassVar[bool] = True
+            elementwise: ClassVar[bool] = True
 
             def sample(self, key, shape, dtype):
                 return jax.random.logistic(key, shape, dtype)
