@@ -3,8 +3,11 @@
     python benchmarks/devices.py                       # ranking and grid paths, 1/2/4 devices
     python benchmarks/devices.py --quick               # small sizes, a smoke run
     python benchmarks/devices.py --separate-processes  # one process per device count
+    JAX_PLATFORMS=cuda,cpu python benchmarks/devices.py --devices 1   # on one GPU
 
-On CPU the devices are host devices made with
+Without `JAX_PLATFORMS` set, the script runs on the CPU even where a GPU is present;
+on GPUs list `cpu` too (the host-callback workload needs it). On CPU the devices are
+host devices made with
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` (set by this script). By default
 one process gets the largest N and times meshes over its first 1, 2, ... devices in
 interleaved rounds (1, 2, 4, 1, 2, 4, ...), so a burst of load from other programs
