@@ -119,10 +119,12 @@ def measure(device_counts, workloads: dict, rounds: int) -> dict:
         if solver_name == "HostSolver" and out["platform"] == "cpu":
             # Host callbacks on more CPU devices than cores can deadlock in XLA's CPU
             # runtime (the layer warns); they would not run faster there anyway.
-            counts = tuple(n for n in device_counts if n <= (os.cpu_count() or 1))
+            from structpert._sharding import _num_cores  # the layer's own count
+
+            counts = tuple(n for n in device_counts if n <= _num_cores())
             if counts != tuple(device_counts):
                 print(f"{name}: skipping {sorted(set(device_counts) - set(counts))} "
-                      f"devices (more than the {os.cpu_count()} cores; see the "
+                      f"devices (more than the {_num_cores()} cores; see the "
                       "multi-device guide)", flush=True)
         steps = {}
         for n in counts:

@@ -58,6 +58,14 @@ def _grid_edges(h, w):
     return np.array(tails), np.array(heads)
 
 
+def _path_cost(flat, pred):
+    """Cost of the path from cell 0 to the last cell, walking scipy's predecessors."""
+    path = [flat.size - 1]
+    while path[-1] != 0:
+        path.append(pred[path[-1]])
+    return flat[path].sum()
+
+
 def scipy_rebuild(costs):
     """Per instance: build the sparse graph (edge weight = cost of the head cell),
     run Dijkstra from the top-left cell, walk the predecessors back."""
@@ -67,11 +75,8 @@ def scipy_rebuild(costs):
     for k in range(n):
         flat = costs[k].ravel().astype(np.float64)
         graph = sparse.csr_matrix((flat[heads], (tails, heads)), shape=(h * w, h * w))
-        dist, pred = dijkstra(graph, indices=0, return_predecessors=True)
-        path = [h * w - 1]
-        while path[-1] != 0:
-            path.append(pred[path[-1]])
-        out[k] = flat[path].sum()
+        _, pred = dijkstra(graph, indices=0, return_predecessors=True)
+        out[k] = _path_cost(flat, pred)
     return out
 
 
@@ -86,11 +91,8 @@ def scipy_reuse(costs):
     for k in range(n):
         flat = costs[k].ravel().astype(np.float64)
         graph.data = flat[columns]
-        dist, pred = dijkstra(graph, indices=0, return_predecessors=True)
-        path = [h * w - 1]
-        while path[-1] != 0:
-            path.append(pred[path[-1]])
-        out[k] = flat[path].sum()
+        _, pred = dijkstra(graph, indices=0, return_predecessors=True)
+        out[k] = _path_cost(flat, pred)
     return out
 
 

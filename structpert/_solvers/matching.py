@@ -385,7 +385,7 @@ class BipartiteMatching(AbstractBatchedSolver):
                 "use method='jax' for the pure-JAX kernel."
             )
 
-    def resolved_method(self, n: int = _AUTO_MIN_ROWS) -> str:
+    def resolved_method(self, n: int) -> str:
         """The method used for instances of `n` rows on the current default backend."""
         if self.method != "auto":
             return self.method
