@@ -1,6 +1,7 @@
 """Gradient estimators: structpert against jaxopt.perturbations and optax.perturbations.
 
-Three parts, all peers measured side by side in one run, in float32 as users run them:
+Three parts, all peers measured side by side in one run, in float32 as users run them
+(and a fourth, `bias`, on structpert's own estimators):
 
 1. **Gradient mean squared error at equal solver calls.** Solver calls are counted,
    not assumed: a `jax.pure_callback` solver counts the instances each library solves
@@ -26,10 +27,10 @@ Timings are the minimum over repeats (the machine is shared with other jobs).
 
 Run it with
 
-    python benchmarks/estimators.py                  # everything (about 8 minutes)
+    python benchmarks/estimators.py                  # everything (about 10 minutes)
     python benchmarks/estimators.py --quick          # smaller reference, fewer repeats
-    python benchmarks/estimators.py --parts timing   # one part (calls, mse, timing,
-                                                     # pipeline)
+    python benchmarks/estimators.py --parts timing   # one part (calls, mse, bias,
+                                                     # timing, pipeline)
 """
 
 import argparse
@@ -181,6 +182,9 @@ def gradient_mse(problem, budget, reps, n_ref):
     }
     if symmetric:
         layers["sp, antithetic"] = ours(antithetic=True)
+    layers["sp, regression"] = ours(control_variate="regression")
+    if symmetric:
+        layers["sp, regr. + antithetic"] = ours(control_variate="regression", antithetic=True)
     argmax_fns = {k: (lambda t, key, o=o: o(t, key=key)) for k, o in layers.items()}
     jo_f = jp.make_perturbed_argmax(fn, m_jo, eps, jo_noise)
     jo_cv = jp.make_perturbed_argmax(fn, (budget - 1) // 2, eps, jo_noise, True)
@@ -310,6 +314,41 @@ def print_mse_tables(results, budget):
                 print(f"{pname:30s} {row['instance']:2d} {best:13.4g} {cells}")
 
 
+def bias(reps=400, n_ref=1_000_000, cases=((20, 50), (20, 200), (100, 200), (100, 1000))):
+    """Bias and error of the Jacobian estimate, default against "regression", on a
+    ranking with Normal noise (eps = 0.5): relative to the norm of the reference
+    Jacobian, the norm of (mean over `reps` keys - reference), the resolution of that
+    check (the standard error of the mean, same units) and the root mean squared
+    error of one estimate."""
+    eps, rows = 0.5, []
+    for d, m in cases:
+        theta = jax.random.normal(jax.random.key(7), (d,), F32)
+        _, ref = reference(ranking, sp.Normal(), theta, eps, n_ref)
+        norm = np.linalg.norm(ref)
+        for cv in ("leave_one_out", "regression"):
+            opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), eps, m,
+                                        control_variate=cv)
+            jac = jax.jacrev(lambda t, k, opt=opt: opt(t, key=k))
+            keys = jax.random.split(jax.random.key(m), reps)
+            per_key = jax.jit(lambda ks, jac=jac: jax.lax.map(
+                lambda k: jac(theta, k), ks, batch_size=10))  # bounded memory
+            j = np.asarray(per_key(keys), np.float64)
+            rows.append(dict(
+                d=d, m=m, cv=cv,
+                bias=np.linalg.norm(j.mean(0) - ref) / norm,
+                resolution=np.sqrt(j.var(0).sum() / reps) / norm,
+                rmse=np.sqrt(np.mean(np.sum((j - ref) ** 2, axis=(1, 2)))) / norm,
+            ))
+    print(f"\nBias of the Jacobian estimate, ranking with Normal noise, eps={eps}, {reps} keys,")
+    print(f"reference from {n_ref} samples; all relative to the norm of the reference")
+    cols = ("d", 4), ("M", 5), ("control_variate", 16), ("|bias|", 8), ("resolution", 10)
+    print(" ".join(f"{name:>{width}s}" for name, width in cols) + f" {'rmse':>8s}")
+    for r in rows:
+        print(f"{r['d']:4d} {r['m']:5d} {r['cv']:>16s} {r['bias']:8.4f} {r['resolution']:10.4f} "
+              f"{r['rmse']:8.4f}")
+    return rows
+
+
 # ---------------------------------------------------------------------------
 # Part 2: time per value_and_grad step
 
@@ -347,6 +386,9 @@ def timing(d=100, m=1000, repeats=20):
             "sp FunctionSolver": sp.PerturbedOptimizer(
                 sp.FunctionSolver(fn, event_ndim=1), sp_noise, eps, m
             ),
+            "sp regression": sp.PerturbedOptimizer(
+                solver, sp_noise, eps, m, control_variate="regression"
+            ),
         }
         jo = jp.make_perturbed_argmax(fn, m, eps, jo_noise)
         jo_max = jp.make_perturbed_max(fn, m, eps, jo_noise)
@@ -381,12 +423,13 @@ def timing(d=100, m=1000, repeats=20):
     print(f"\nTime per value_and_grad step, d={d}, M={m}, float32, min of {repeats} runs")
     print("taken in turns. bare = the vmapped solver on M given perturbed inputs;")
     print("floor = drawing the noise + perturbing + solving + averaging (what any method must do).")
-    print("structpert's row uses its solver class; the other rows use the same function")
+    print("structpert's rows use its solver class (the default estimator, and")
+    print('control_variate="regression"); the other rows use the same function')
     print("(jnp one_hot/argmax, the notebook's double-argsort ranking, lax.top_k).")
     for row in rows:
         print(f"\n{row['case']}")
-        for lib, base in (("structpert", "structpert"), ("sp FunctionSolver", "fn"),
-                          ("jaxopt", "fn"), ("optax", "fn")):
+        for lib, base in (("structpert", "structpert"), ("sp regression", "structpert"),
+                          ("sp FunctionSolver", "fn"), ("jaxopt", "fn"), ("optax", "fn")):
             bare, floor = row[(base, "bare")], row[(base, "floor")]
             cells = [f"bare {bare * 1e3:7.3f} floor {floor * 1e3:7.3f} ms |"]
             for kind in ("loss", "FY"):
@@ -460,7 +503,11 @@ def pipeline(n=6, m=100, sigma=0.2, steps=20, repeats=5):
     return out
 
 
-def main(quick: bool = False, budget: int = 200, parts=("calls", "mse", "timing", "pipeline")):
+def main(
+    quick: bool = False,
+    budget: int = 200,
+    parts=("calls", "mse", "bias", "timing", "pipeline"),
+):
     print(f"jax {jax.__version__}, devices {jax.devices()}")
     out = {}
     if "calls" in parts:
@@ -478,6 +525,8 @@ def main(quick: bool = False, budget: int = 200, parts=("calls", "mse", "timing"
             print(f"  measured {problem['name']} in {time.perf_counter() - t0:.0f} s", flush=True)
         print(f"\n{reps} keys per estimate; reference: exact (simplex) or {n_ref} samples.")
         print_mse_tables(out["mse"], budget)
+    if "bias" in parts:
+        out["bias"] = bias(reps=100 if quick else 400, n_ref=200_000 if quick else 1_000_000)
     repeats = 5 if quick else 20
     if "timing" in parts:
         out["timing"] = timing(repeats=repeats)
@@ -493,8 +542,8 @@ if __name__ == "__main__":
     parser.add_argument("--budget", type=int, default=200, help="solver calls per gradient")
     parser.add_argument(
         "--parts",
-        default="calls,mse,timing,pipeline",
-        help="comma-separated subset of calls,mse,timing,pipeline",
+        default="calls,mse,bias,timing,pipeline",
+        help="comma-separated subset of calls,mse,bias,timing,pipeline",
     )
     args = parser.parse_args()
     main(quick=args.quick, budget=args.budget, parts=tuple(args.parts.split(",")))

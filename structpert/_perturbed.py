@@ -24,9 +24,11 @@ from ._solvers.base import AbstractSolver, solve_batch
 
 
 Perturbation = Literal["additive", "multiplicative"]
-ControlVariate = Literal["none", "leave_one_out", "unperturbed"]
+ControlVariate = Literal["none", "leave_one_out", "unperturbed", "regression"]
 _PERTURBATIONS = ("additive", "multiplicative")
-_CONTROL_VARIATES = ("none", "leave_one_out", "unperturbed")
+_CONTROL_VARIATES = ("none", "leave_one_out", "unperturbed", "regression")
+# "regression" stores a d x d matrix per instance; beyond this size, refuse.
+_REGRESSION_MAX_SIZE = 4096
 
 
 class _Config(eqx.Module):
@@ -146,16 +148,18 @@ def _pairs(x: Array) -> Array:
 class _Terms(NamedTuple):
     """What the Jacobian estimator of y_eps needs, from one set of samples.
 
-    With c_m = y_m - b_m and the score directions g_m = grad nu(Z_m) / sigma (also
-    divided by theta for the multiplicative perturbation), the estimator is
+    With c_m = y_m - b_m and the score directions g_m = W^-1 grad nu(Z_m) / sigma
+    (also divided by theta for the multiplicative perturbation), the estimator is
 
         J t = alpha * mean_m c_m <g_m, t>  +  (1 - alpha) * mean_m g_m <c_m, t>
 
-    (the second term, the transposed estimator, only when `alpha` is not None).
+    (the second term, the transposed estimator, only when `alpha` is not None). W is
+    the identity except with the regression control variate (see `_whitening`).
     """
 
     centred: Array  # (B, M, Do)  c_m = y_m - b_m
-    grad_nu: Array  # (B, M, D)   grad nu(Z_m)
+    grad_nu: Array  # (B, M, D)   grad nu(Z_m), for the sigma-derivative
+    scores: Array  # (B, M, D)    W^-1 grad nu(Z_m), for the theta-derivative
     alpha: Array | None  # (B, Do) weight of the plain estimator per output coordinate
 
 
@@ -177,7 +181,7 @@ def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> 
     elif cfg.control_variate == "unperturbed":
         assert y_plain is not None
         centred = yf - y_plain.reshape(y_plain.shape[0], 1, -1)
-    else:  # leave-one-out: y_m - mean of the others = M / (M - 1) (y_m - mean)
+    else:  # leave-one-out, also for "regression": y_m - mean of others = M/(M-1) (y_m - mean)
         centred = (yf - jnp.mean(yf, axis=1, keepdims=True)) * (m / (m - 1))
     alpha = None
     symmetric = (
@@ -195,7 +199,33 @@ def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> 
         total = jnp.sum(s2, axis=-1, keepdims=True)
         den = total + s2.shape[-1] * s2
         alpha = jnp.where(den > 0, total / jnp.where(den > 0, den, 1), 1)
-    return _Terms(centred, _flat(cfg.noise.grad_nu(z)), alpha)
+    gn = _flat(cfg.noise.grad_nu(z))
+    scores = gn
+    if cfg.control_variate == "regression" and m > 1:
+        n_eff = m // 2 if cfg.antithetic else m
+        scores = jnp.einsum("bij,bmj->bmi", _whitening(gn, n_eff), gn)
+    return _Terms(centred, gn, scores, alpha)
+
+
+def _whitening(gn: Array, n_eff: int) -> Array:
+    """W^-1 (B, D, D) for the regression control variate.
+
+    The least-squares fit of the solutions on the scores g = grad nu(Z) gives the
+    Jacobian estimate  mean_m c_m g_m^T  G^-1 k / sigma, with G the sample covariance
+    of the scores and k = tr(G) / d (estimating the Fisher information E[g_i^2] of one
+    coordinate; 1 for Normal and Gumbel). Using the sample G instead of its known
+    expectation k I is a control variate: exact for solutions linear in the noise,
+    consistent in general, with a bias of order d / M. W = (1 - s) G / k + s I, with
+    s = d / (d + 4 n_eff) (n_eff independent draws) shrinking toward the plain
+    estimator when the samples are few for the dimension.
+    """
+    d = gn.shape[-1]
+    gc = gn - jnp.mean(gn, axis=1, keepdims=True)
+    cov = jnp.einsum("bmi,bmj->bij", gc, gc) / gn.shape[1]
+    k = jnp.trace(cov, axis1=1, axis2=2)[:, None, None] / d
+    k = jnp.where(k > 0, k, 1)
+    s = d / (d + 4 * n_eff)
+    return jnp.linalg.inv((1 - s) * cov / k + s * jnp.eye(d, dtype=gn.dtype)[None])
 
 
 @eqx.filter_custom_jvp
@@ -223,17 +253,17 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
     multiplicative = cfg.perturbation == "multiplicative"
     same_shape = y.shape[2:] == theta.shape[1:]
     terms = _jacobian_terms(cfg, theta, z, y, y_plain)
-    c, gn = terms.centred, terms.grad_nu
+    c, gn, gs = terms.centred, terms.grad_nu, terms.scores
     d_y = jnp.zeros((b, c.shape[-1]), theta.dtype)
     d_f = jnp.zeros((b,), theta.dtype)
     if t_theta is not None:
         t = t_theta.reshape(b, d)
         # d log density(theta~_m) / d theta along t
         u = t / theta.reshape(b, d) if multiplicative else t
-        score = jnp.einsum("bmd,bd->bm", gn, u) / sigma
+        score = jnp.einsum("bmd,bd->bm", gs, u) / sigma
         jac_t = jnp.einsum("bmo,bm->bo", c, score) / m
         if terms.alpha is not None:
-            transposed = jnp.einsum("bmd,bm->bd", gn, jnp.einsum("bmo,bo->bm", c, t))
+            transposed = jnp.einsum("bmd,bm->bd", gs, jnp.einsum("bmo,bo->bm", c, t))
             jac_t = terms.alpha * jac_t + (1 - terms.alpha) * transposed / (m * sigma)
         d_y = d_y + jac_t
         if same_shape and multiplicative:
@@ -286,7 +316,7 @@ def _stats(theta, sigma, key, cotangent, *, cfg: _Config):
         # Per-sample terms of the transposed (reverse-mode) estimator; their mean is
         # exactly what jax.grad returns for <cotangent, y_eps>.
         terms = _jacobian_terms(cfg, theta, z, y, y_plain)
-        c, gn = terms.centred, terms.grad_nu
+        c, gn = terms.centred, terms.scores
         v = cotangent.reshape(b, -1).astype(theta.dtype)
         va = v if terms.alpha is None else v * terms.alpha
         per = gn * jnp.einsum("bmo,bo->bm", c, va)[..., None]
@@ -392,9 +422,15 @@ class PerturbedOptimizer(eqx.Module):
       $\\theta$, so entries must be nonzero).
     - `control_variate`: the baseline of the Jacobian estimator: `"leave_one_out"`
       (default; the mean of the other $M-1$ samples, free), `"unperturbed"`
-      ($y^*(\\theta)$, one more solve per instance, in the same solver pass) or
-      `"none"`. It changes only the variance of derivatives, never the values.
-      Leave-one-out had the lowest variance in nearly all our measurements.
+      ($y^*(\\theta)$, one more solve per instance, in the same solver pass),
+      `"none"`, or `"regression"`: leave-one-out plus the least-squares fit of the
+      solutions on the noise scores (the sample covariance of the scores as a second
+      control variate; no extra solve, $O(Md^2)$ arithmetic per instance, $d \\le
+      4096$). It changes only the variance of derivatives, never the values.
+      Leave-one-out is unbiased and had the lowest variance of the unbiased options
+      in nearly all our measurements; `"regression"` is consistent but biased by
+      $O(d/M)$, and with `Normal` noise its mean squared error was 2 to 9 times lower
+      (see the guide "Gradient estimators").
     - `antithetic`: draw the noise in pairs $(Z, -Z)$ (symmetric noise only, even
       `num_samples`); the pair then serves as its own control variate. It lowers the
       variance of the values ($y_\\varepsilon$, $F_\\varepsilon$, the Fenchel-Young
@@ -520,6 +556,13 @@ class PerturbedOptimizer(eqx.Module):
                 f"{who}: the solver {type(self.solver).__name__} returned shape "
                 f"{out.shape} for an instance of shape {event_shape}; a solver's argmax "
                 "must return y of the same shape as theta."
+            )
+        size = math.prod(event_shape)
+        if self.control_variate == "regression" and size > _REGRESSION_MAX_SIZE:
+            raise ValueError(
+                f"{who}: `control_variate='regression'` builds a d x d matrix per "
+                f"instance, and an instance has d = {size} entries (at most "
+                f"{_REGRESSION_MAX_SIZE}). Use control_variate='leave_one_out'."
             )
         sigma = jnp.asarray(self.sigma, theta.dtype)
         if sigma.ndim != 0:

@@ -173,7 +173,9 @@ def _counting_solver():
     return sp.FunctionSolver(fn, event_ndim=1), calls
 
 
-@pytest.mark.parametrize("control_variate", ["none", "leave_one_out", "unperturbed"])
+@pytest.mark.parametrize(
+    "control_variate", ["none", "leave_one_out", "unperturbed", "regression"]
+)
 def test_one_solver_pass_per_value_and_grad(control_variate):
     solver, calls = _counting_solver()
     m, batch = 5, 3

@@ -112,6 +112,9 @@ def test_antithetic_lowers_value_variance_normal():
     [
         {"noise": sp.Normal(), "antithetic": True},
         {"perturbation": "multiplicative", "control_variate": "unperturbed"},
+        {"noise": sp.Normal(), "control_variate": "regression"},
+        {"noise": sp.Normal(), "control_variate": "regression", "antithetic": True},
+        {"perturbation": "multiplicative", "control_variate": "regression"},
     ],
 )
 def test_stats_match_layer_and_grad(kwargs):
@@ -222,6 +225,7 @@ def test_solver_calls_per_gradient():
         ({}, (loss,), m),  # test_core counts the Fenchel-Young loss
         ({"control_variate": "unperturbed"}, (loss,), m + 1),
         ({"chunk_size": 6}, (loss,), m),  # 3 x 8 = 24 solves in 4 chunks (no padding)
+        ({"control_variate": "regression"}, (loss,), m),
     ]
     for kwargs, losses, per_instance in cases:
         opt = sp.PerturbedOptimizer(solver, sigma=0.5, num_samples=m, **kwargs)
@@ -233,6 +237,43 @@ def test_solver_calls_per_gradient():
     opt = sp.PerturbedOptimizer(solver, sigma=0.5, num_samples=m)
     jax.block_until_ready(opt.stats(theta, key=key, cotangent=y))
     assert count[0] == 3 * m
+
+
+def test_regression_is_the_least_squares_fit():
+    """control_variate="regression": the leave-one-out estimate times W^-1, with W the
+    sample covariance of the scores over its trace / d, shrunk toward the identity by
+    s = d / (d + 4M), written out here from the same noise and solutions."""
+    d, m, eps = 5, 40, 0.4
+    theta = jax.random.normal(jax.random.key(0), (d,))
+    key = jax.random.key(1)
+    opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), eps, m,
+                                control_variate="regression", symmetric_jacobian=False)
+    jac = np.asarray(jax.jacfwd(lambda t: opt(t, key=key))(theta))
+    z = np.asarray(sp.Normal().sample(key, (1, m, d), theta.dtype))[0]  # one draw
+    y = np.argsort(np.argsort(np.asarray(theta) + eps * z, -1), -1).astype(float)
+    c = (y - y.mean(0)) * m / (m - 1)
+    cov = np.cov(z.T, bias=True)
+    s = d / (d + 4 * m)
+    w = (1 - s) * cov / (np.trace(cov) / d) + s * np.eye(d)
+    expected = (c.T @ z / m) @ np.linalg.inv(w) / eps
+    np.testing.assert_allclose(jac, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_regression_lowers_the_variance_and_is_consistent():
+    """On a ranking with Normal noise the regression control variate has a much lower
+    variance than leave-one-out (the benchmark measures 2 to 9 times lower MSE), and
+    both estimates agree on average: its O(d/M) bias is below 5 standard errors here."""
+    theta = jax.random.normal(jax.random.key(0), (20,))
+    reps = 100
+    jacs = {}
+    for cv in ("leave_one_out", "regression"):
+        opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), 0.5, 400,
+                                    control_variate=cv)
+        jacs[cv] = _repeat_jacobians(opt, theta, reps, seed=1)
+    loo, reg = jacs["leave_one_out"], jacs["regression"]
+    assert reg.var(0).sum() < 0.5 * loo.var(0).sum()
+    tol = mc_tol(np.sqrt(reg.var(0) + loo.var(0)), reps) + 1e-12
+    assert np.all(np.abs(reg.mean(0) - loo.mean(0)) <= tol)
 
 
 def test_float32_gradient():
@@ -251,6 +292,9 @@ def test_float32_gradient():
 def test_bad_inputs():
     with pytest.raises(BAD_INPUT, match="symmetric_jacobian"):
         sp.PerturbedOptimizer(sp.Simplex(), symmetric_jacobian="yes")  # pyright: ignore
+    big = sp.PerturbedOptimizer(sp.Permutahedron(), control_variate="regression")
+    with pytest.raises(BAD_INPUT, match="control_variate"):
+        jax.eval_shape(lambda t: big(t, key=jax.random.key(0)), jnp.zeros(4097))
     opt = sp.PerturbedOptimizer(sp.Simplex())
     with pytest.raises(BAD_INPUT, match="cotangent"):
         opt.stats(jnp.zeros(4), key=jax.random.key(0), cotangent=jnp.zeros(3))
