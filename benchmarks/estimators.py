@@ -507,6 +507,7 @@ def main(
     quick: bool = False,
     budget: int = 200,
     parts=("calls", "mse", "bias", "timing", "pipeline"),
+    only: str = "",
 ):
     print(f"jax {jax.__version__}, devices {jax.devices()}")
     out = {}
@@ -520,6 +521,8 @@ def main(
         n_ref = 200_000 if quick else 1_000_000
         out["mse"] = {}
         for problem in make_problems(quick):
+            if only and only not in problem["name"]:
+                continue
             t0 = time.perf_counter()
             out["mse"][problem["name"]] = gradient_mse(problem, budget, reps, n_ref)
             print(f"  measured {problem['name']} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -545,5 +548,9 @@ if __name__ == "__main__":
         default="calls,mse,bias,timing,pipeline",
         help="comma-separated subset of calls,mse,bias,timing,pipeline",
     )
+    parser.add_argument(
+        "--only", default="", help='MSE part: problems whose name contains this, e.g. "n=6"'
+    )
     args = parser.parse_args()
-    main(quick=args.quick, budget=args.budget, parts=tuple(args.parts.split(",")))
+    main(quick=args.quick, budget=args.budget, parts=tuple(args.parts.split(",")),
+         only=args.only)

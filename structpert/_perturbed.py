@@ -429,7 +429,7 @@ class PerturbedOptimizer(eqx.Module):
       4096$). It changes only the variance of derivatives, never the values.
       Leave-one-out is unbiased and had the lowest variance of the unbiased options
       in nearly all our measurements; `"regression"` is consistent but biased by
-      $O(d/M)$, and with `Normal` noise its mean squared error was 2 to 9 times lower
+      $O(d/M)$, and with `Normal` noise its mean squared error was 1.4 to 8 times lower
       (see the guide "Gradient estimators").
     - `antithetic`: draw the noise in pairs $(Z, -Z)$ (symmetric noise only, even
       `num_samples`); the pair then serves as its own control variate. It lowers the
