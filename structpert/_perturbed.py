@@ -316,17 +316,24 @@ def _stats(theta, sigma, key, cotangent, *, cfg: _Config):
         # Per-sample terms of the transposed (reverse-mode) estimator; their mean is
         # exactly what jax.grad returns for <cotangent, y_eps>.
         terms = _jacobian_terms(cfg, theta, z, y, y_plain)
-        c, gn = terms.centred, terms.scores
+        c, gs = terms.centred, terms.scores
         v = cotangent.reshape(b, -1).astype(theta.dtype)
         va = v if terms.alpha is None else v * terms.alpha
-        per = gn * jnp.einsum("bmo,bo->bm", c, va)[..., None]
-        if cfg.perturbation == "multiplicative":
-            per = per / theta.reshape(b, 1, -1)
-        if terms.alpha is not None:
-            vt = v * (1 - terms.alpha)
-            per = per + c * jnp.einsum("bmd,bd->bm", gn, vt)[..., None]
-        per = per / sigma
+        vt = None if terms.alpha is None else v * (1 - terms.alpha)
+        per = _vjp_terms(cfg, theta, sigma, c, gs, va, vt)
         vjp = jnp.mean(per, axis=1).reshape(theta.shape)
+        if cfg.control_variate == "regression":
+            # A regression's error is that of its residuals (the spread of `per`
+            # would ignore what the fit removes): the same terms with every solution
+            # replaced by its residual from the least-squares prediction.
+            gn = terms.grad_nu
+            k = jnp.mean(jnp.var(gn, axis=1), axis=-1)[:, None, None]
+            coef = jnp.einsum("bmo,bmd->bod", c, gs) / m
+            resid = c - jnp.einsum("bod,bmd->bmo", coef, gn) / k
+            per = _vjp_terms(cfg, theta, sigma, resid, gs, va, vt)
+            # residuals of a fit of d + 1 coefficients: the usual degrees of freedom
+            n_eff, d = (m // 2 if paired else m), gn.shape[-1]
+            per = per * math.sqrt(n_eff / max(n_eff - d - 1, 1))
         vjp_err = _stderr(per, paired).reshape(theta.shape)
     return MonteCarloStats(
         y_eps=y_eps,
@@ -336,6 +343,16 @@ def _stats(theta, sigma, key, cotangent, *, cfg: _Config):
         vjp=vjp,
         vjp_stderr=vjp_err,
     )
+
+
+def _vjp_terms(cfg: _Config, theta, sigma, c, gs, va, vt) -> Array:
+    """(B, M, D) per-sample terms of J^T v, with va = alpha v and vt = (1 - alpha) v."""
+    per = gs * jnp.einsum("bmo,bo->bm", c, va)[..., None]
+    if cfg.perturbation == "multiplicative":
+        per = per / theta.reshape(theta.shape[0], 1, -1)
+    if vt is not None:
+        per = per + c * jnp.einsum("bmd,bd->bm", gs, vt)[..., None]
+    return per / sigma
 
 
 class MonteCarloStats(eqx.Module):
@@ -359,7 +376,8 @@ class MonteCarloStats(eqx.Module):
       $\\nabla_\\theta \\langle v, y_\\varepsilon(\\theta)\\rangle = J^\\top v$, exactly
       what `jax.grad` returns for the same key; `None` otherwise.
     - `vjp_stderr`: its standard error per coordinate (treating the control variate
-      and the symmetrisation weights as fixed); `None` without a `cotangent`.
+      and the symmetrisation weights as fixed; with `control_variate="regression"`,
+      from the residuals of the fit); `None` without a `cotangent`.
     """
 
     y_eps: Array

@@ -139,12 +139,16 @@ def test_stats_match_layer_and_grad(kwargs):
     assert np.all(np.asarray(st.y_eps_stderr) >= 0) and np.any(np.asarray(st.y_eps_stderr) > 0)
 
 
-def test_stats_stderr_is_calibrated():
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"control_variate": "regression"}, {"control_variate": "regression", "antithetic": True}],
+)
+def test_stats_stderr_is_calibrated(kwargs):
     """Reported standard errors agree with the standard deviation of the estimates
     over 300 independent keys (to the sampling error of a standard deviation)."""
     theta = jax.random.normal(jax.random.key(0), (8,))
     v = jax.random.normal(jax.random.key(1), (8,))
-    opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), 0.5, 100)
+    opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), 0.5, 100, **kwargs)
     keys = jax.random.split(jax.random.key(2), 300)
     st = jax.jit(jax.vmap(lambda k: opt.stats(theta, key=k, cotangent=v)))(keys)
     for est, err, lo, hi in (
