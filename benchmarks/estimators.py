@@ -31,6 +31,8 @@ Run it with
     python benchmarks/estimators.py --quick          # smaller reference, fewer repeats
     python benchmarks/estimators.py --parts timing   # one part (calls, mse, bias,
                                                      # timing, pipeline)
+    python benchmarks/estimators.py --parts mse --only n=6 --keys 4000
+                                                     # some problems, more keys
 """
 
 import argparse
@@ -508,6 +510,7 @@ def main(
     budget: int = 200,
     parts=("calls", "mse", "bias", "timing", "pipeline"),
     only: str = "",
+    keys: int = 0,
 ):
     print(f"jax {jax.__version__}, devices {jax.devices()}")
     out = {}
@@ -517,7 +520,7 @@ def main(
         for name, calls in out["calls"].items():
             print(f"    {name:40s} {calls:.1f} M")
     if "mse" in parts:
-        reps = 100 if quick else 400
+        reps = keys or (100 if quick else 400)
         n_ref = 200_000 if quick else 1_000_000
         out["mse"] = {}
         for problem in make_problems(quick):
@@ -551,6 +554,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--only", default="", help='MSE part: problems whose name contains this, e.g. "n=6"'
     )
+    parser.add_argument("--keys", type=int, default=0, help="MSE part: keys per estimate")
     args = parser.parse_args()
     main(quick=args.quick, budget=args.budget, parts=tuple(args.parts.split(",")),
-         only=args.only)
+         only=args.only, keys=args.keys)
