@@ -115,6 +115,7 @@ def count_calls(m=10, d=5):
     fs = sp.FunctionSolver(solver, event_ndim=1)
     ours = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m)
     ours_u = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m, control_variate="unperturbed")
+    ours_r = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m, control_variate="regression")
     cases = {
         "jaxopt argmax": lambda t: sq(jo(t, key)),
         "jaxopt argmax, control_variate=True": lambda t: sq(jo_cv(t, key)),
@@ -123,6 +124,7 @@ def count_calls(m=10, d=5):
         "optax max (FY)": lambda t: ox_max(key, t) - t @ y,
         "structpert argmax": lambda t: sq(ours(t, key=key)),
         "structpert argmax, unperturbed": lambda t: sq(ours_u(t, key=key)),
+        "structpert argmax, regression": lambda t: sq(ours_r(t, key=key)),
         "structpert FY": lambda t: sp.FenchelYoungLoss(ours)(t, y, key=key),
     }
     out = {}
