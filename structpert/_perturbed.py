@@ -222,10 +222,15 @@ def _whitening(gn: Array, n_eff: int) -> Array:
     d = gn.shape[-1]
     gc = gn - jnp.mean(gn, axis=1, keepdims=True)
     cov = jnp.einsum("bmi,bmj->bij", gc, gc) / gn.shape[1]
-    k = jnp.trace(cov, axis1=1, axis2=2)[:, None, None] / d
-    k = jnp.where(k > 0, k, 1)
+    k = _score_scale(gn)
     s = d / (d + 4 * n_eff)
     return jnp.linalg.inv((1 - s) * cov / k + s * jnp.eye(d, dtype=gn.dtype)[None])
+
+
+def _score_scale(gn: Array) -> Array:
+    """k = tr(G) / d (B, 1, 1): the mean sample variance of the scores (nonzero)."""
+    k = jnp.mean(jnp.var(gn, axis=1), axis=-1)[:, None, None]
+    return jnp.where(k > 0, k, 1)
 
 
 @eqx.filter_custom_jvp
@@ -327,9 +332,8 @@ def _stats(theta, sigma, key, cotangent, *, cfg: _Config):
             # would ignore what the fit removes): the same terms with every solution
             # replaced by its residual from the least-squares prediction.
             gn = terms.grad_nu
-            k = jnp.mean(jnp.var(gn, axis=1), axis=-1)[:, None, None]
             coef = jnp.einsum("bmo,bmd->bod", c, gs) / m
-            resid = c - jnp.einsum("bod,bmd->bmo", coef, gn) / k
+            resid = c - jnp.einsum("bod,bmd->bmo", coef, gn) / _score_scale(gn)
             per = _vjp_terms(cfg, theta, sigma, resid, gs, va, vt)
             # residuals of a fit of d + 1 coefficients: the usual degrees of freedom
             n_eff, d = (m // 2 if paired else m), gn.shape[-1]
