@@ -184,10 +184,9 @@ def gradient_mse(problem, budget, reps, n_ref):
         "sp, unperturbed cv": ours(control_variate="unperturbed"),
         "sp, no cv": ours(control_variate="none"),
     }
-    if symmetric:
-        layers["sp, antithetic"] = ours(antithetic=True)
     layers["sp, regression"] = ours(control_variate="regression")
     if symmetric:
+        layers["sp, antithetic"] = ours(antithetic=True)
         layers["sp, regr. + antithetic"] = ours(control_variate="regression", antithetic=True)
     argmax_fns = {k: (lambda t, key, o=o: o(t, key=key)) for k, o in layers.items()}
     jo_f = jp.make_perturbed_argmax(fn, m_jo, eps, jo_noise)
