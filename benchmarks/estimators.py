@@ -188,6 +188,11 @@ def gradient_mse(problem, budget, reps, n_ref):
     if symmetric:
         layers["sp, antithetic"] = ours(antithetic=True)
         layers["sp, regr. + antithetic"] = ours(control_variate="regression", antithetic=True)
+        layers["sp, orthogonal"] = ours(orthogonal=True)
+        layers["sp, orth. + regression"] = ours(orthogonal=True, control_variate="regression")
+        layers["sp, orth. + regr. + anti."] = ours(
+            orthogonal=True, control_variate="regression", antithetic=True
+        )
     argmax_fns = {k: (lambda t, key, o=o: o(t, key=key)) for k, o in layers.items()}
     jo_f = jp.make_perturbed_argmax(fn, m_jo, eps, jo_noise)
     jo_cv = jp.make_perturbed_argmax(fn, (budget - 1) // 2, eps, jo_noise, True)
@@ -204,6 +209,7 @@ def gradient_mse(problem, budget, reps, n_ref):
     fy_layers = {"structpert": layers["structpert"]}
     if symmetric:
         fy_layers["sp, antithetic"] = layers["sp, antithetic"]
+        fy_layers["sp, orthogonal"] = layers["sp, orthogonal"]
     jo_max = jp.make_perturbed_max(fn, m_jo, eps, jo_noise)
     ox_max = op.make_perturbed_fun(lambda t: jnp.sum(t * fn(t)), m_ox, eps, ox_noise)
     fy_fns = {
@@ -318,36 +324,37 @@ def print_mse_tables(results, budget):
 
 
 def bias(reps=400, n_ref=1_000_000, cases=((20, 50), (20, 200), (100, 200), (100, 1000))):
-    """Bias and error of the Jacobian estimate, default against "regression", on a
-    ranking with Normal noise (eps = 0.5): relative to the norm of the reference
-    Jacobian, the norm of (mean over `reps` keys - reference), the resolution of that
-    check (the standard error of the mean, same units) and the root mean squared
-    error of one estimate."""
+    """Bias and error of the Jacobian estimate, default against "regression" and
+    orthogonal sampling, on a ranking with Normal noise (eps = 0.5): relative to the
+    norm of the reference Jacobian, the norm of (mean over `reps` keys - reference),
+    the resolution of that check (the standard error of the mean, same units) and the
+    root mean squared error of one estimate."""
     eps, rows = 0.5, []
     for d, m in cases:
         theta = jax.random.normal(jax.random.key(7), (d,), F32)
         _, ref = reference(ranking, sp.Normal(), theta, eps, n_ref)
         norm = np.linalg.norm(ref)
-        for cv in ("leave_one_out", "regression"):
+        for cv, orth in (("leave_one_out", False), ("regression", False),
+                         ("leave_one_out", True)):
             opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), eps, m,
-                                        control_variate=cv)
+                                        control_variate=cv, orthogonal=orth)
             jac = jax.jacrev(lambda t, k, opt=opt: opt(t, key=k))
             keys = jax.random.split(jax.random.key(m), reps)
             per_key = jax.jit(lambda ks, jac=jac: jax.lax.map(
                 lambda k: jac(theta, k), ks, batch_size=10))  # bounded memory
             j = np.asarray(per_key(keys), np.float64)
             rows.append(dict(
-                d=d, m=m, cv=cv,
+                d=d, m=m, cv=cv + (" + orth." if orth else ""),
                 bias=np.linalg.norm(j.mean(0) - ref) / norm,
                 resolution=np.sqrt(j.var(0).sum() / reps) / norm,
                 rmse=np.sqrt(np.mean(np.sum((j - ref) ** 2, axis=(1, 2)))) / norm,
             ))
     print(f"\nBias of the Jacobian estimate, ranking with Normal noise, eps={eps}, {reps} keys,")
     print(f"reference from {n_ref} samples; all relative to the norm of the reference")
-    cols = ("d", 4), ("M", 5), ("control_variate", 16), ("|bias|", 8), ("resolution", 10)
+    cols = ("d", 4), ("M", 5), ("estimator", 22), ("|bias|", 8), ("resolution", 10)
     print(" ".join(f"{name:>{width}s}" for name, width in cols) + f" {'rmse':>8s}")
     for r in rows:
-        print(f"{r['d']:4d} {r['m']:5d} {r['cv']:>16s} {r['bias']:8.4f} {r['resolution']:10.4f} "
+        print(f"{r['d']:4d} {r['m']:5d} {r['cv']:>22s} {r['bias']:8.4f} {r['resolution']:10.4f} "
               f"{r['rmse']:8.4f}")
     return rows
 
@@ -393,6 +400,10 @@ def timing(d=100, m=1000, repeats=20):
                 solver, sp_noise, eps, m, control_variate="regression"
             ),
         }
+        if noise_name == "normal":
+            layers["sp orthogonal"] = sp.PerturbedOptimizer(
+                solver, sp_noise, eps, m, orthogonal=True
+            )
         jo = jp.make_perturbed_argmax(fn, m, eps, jo_noise)
         jo_max = jp.make_perturbed_max(fn, m, eps, jo_noise)
         ox = op.make_perturbed_fun(fn, m, eps, ox_noise)
@@ -427,12 +438,16 @@ def timing(d=100, m=1000, repeats=20):
     print("taken in turns. bare = the vmapped solver on M given perturbed inputs;")
     print("floor = drawing the noise + perturbing + solving + averaging (what any method must do).")
     print("structpert's rows use its solver class (the default estimator, and")
-    print('control_variate="regression"); the other rows use the same function')
+    print('control_variate="regression", and orthogonal=True for Normal noise); the other')
+    print("rows use the same function")
     print("(jnp one_hot/argmax, the notebook's double-argsort ranking, lax.top_k).")
     for row in rows:
         print(f"\n{row['case']}")
         for lib, base in (("structpert", "structpert"), ("sp regression", "structpert"),
-                          ("sp FunctionSolver", "fn"), ("jaxopt", "fn"), ("optax", "fn")):
+                          ("sp orthogonal", "structpert"), ("sp FunctionSolver", "fn"),
+                          ("jaxopt", "fn"), ("optax", "fn")):
+            if (lib, "loss") not in row:
+                continue
             bare, floor = row[(base, "bare")], row[(base, "floor")]
             cells = [f"bare {bare * 1e3:7.3f} floor {floor * 1e3:7.3f} ms |"]
             for kind in ("loss", "FY"):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._noise import AbstractNoise, Gumbel
+from ._noise import AbstractNoise, Gumbel, Normal, orthogonal_normal
 from ._sharding import check_mesh, shard_solve
 from ._solvers.base import AbstractSolver, solve_batch
 
@@ -46,6 +46,8 @@ class _Config(eqx.Module):
     mesh_axes: str | tuple[str, ...] | None = eqx.field(default=None, static=True)
     # Combine the Jacobian estimator with its transpose (exact argmax solvers only).
     symmetric_jacobian: bool = eqx.field(default=False, static=True)
+    # Normal noise drawn orthogonal in blocks (see `orthogonal_normal`).
+    orthogonal: bool = eqx.field(default=False, static=True)
 
 
 def _draw_noise(cfg: _Config, key: PRNGKeyArray, batch: int, event_shape, dtype) -> Array:
@@ -56,10 +58,14 @@ def _draw_noise(cfg: _Config, key: PRNGKeyArray, batch: int, event_shape, dtype)
     Threefry, the whole array is one draw: each entry then depends only on the key
     and its index, and as the batch is the leading axis, instance i's entries have
     the same indices for any batch size (one random-number kernel to compile instead
-    of two). Otherwise instance i draws from `jax.random.fold_in(key, i)`.
+    of two). Otherwise instance i draws from `jax.random.fold_in(key, i)`; with
+    `orthogonal`, its M (or M/2 antithetic) samples are orthogonal in blocks.
     """
     m = cfg.num_samples // 2 if cfg.antithetic else cfg.num_samples
-    if _one_draw(cfg.noise, key):
+    if cfg.orthogonal:
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+        z = jax.vmap(lambda k: orthogonal_normal(k, m, event_shape, dtype))(keys)
+    elif _one_draw(cfg.noise, key):
         z = cfg.noise.sample(key, (batch, m, *event_shape), dtype)
     else:
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
@@ -295,13 +301,35 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
 _jit_kernel = eqx.filter_jit(_kernel)
 
 
-def _stderr(x: Array, paired: bool) -> Array:
-    """Standard error of the mean over axis 1; antithetic pairs are the iid units."""
-    units = _pairs(x) if paired else x
+def _stderr(x: Array, cfg: _Config, d: int) -> Array:
+    """Standard error of the mean over axis 1 of x (B, M, ...), from its independent
+    units: the samples, the antithetic pairs, or with `orthogonal` the blocks of
+    min(units, d) (see `orthogonal_normal`), each block's sum compared with its size
+    times the mean (so a few blocks give a noisy error, not a biased one). With fewer
+    than two blocks, the units are taken as independent (orthogonal samples usually
+    make that an overstatement)."""
+    units = _pairs(x) if cfg.antithetic else x
     n = units.shape[1]
     if n < 2:
         return jnp.full(x.shape[:1] + x.shape[2:], jnp.nan, x.dtype)
-    return jnp.std(units, axis=1, ddof=1) / jnp.sqrt(jnp.asarray(n, x.dtype))
+    block = min(n, d) if cfg.orthogonal else 1
+    num_blocks = -(-n // block)
+    if num_blocks < 2:
+        block, num_blocks = 1, n
+    if block == 1:
+        return jnp.std(units, axis=1, ddof=1) / jnp.sqrt(jnp.asarray(n, x.dtype))
+    pad = [(0, 0), (0, num_blocks * block - n)] + [(0, 0)] * (units.ndim - 2)
+    sums = jnp.sum(jnp.pad(units, pad).reshape(x.shape[0], num_blocks, block,
+                                               *units.shape[2:]), axis=2)
+    sizes = jnp.minimum(block, n - block * jnp.arange(num_blocks)).astype(x.dtype)
+    sizes = sizes.reshape(1, num_blocks, *([1] * (units.ndim - 2)))
+    dev = sums - sizes * jnp.mean(units, axis=1, keepdims=True)
+    var = jnp.sum(dev**2 / sizes, axis=1) / (num_blocks - 1)  # per unit
+    # from few blocks the square root is biased low: divide by its mean factor c4
+    c4 = math.sqrt(2 / (num_blocks - 1)) * math.exp(
+        math.lgamma(num_blocks / 2) - math.lgamma((num_blocks - 1) / 2)
+    )
+    return jnp.sqrt(var / n) / c4
 
 
 @eqx.filter_jit
@@ -310,10 +338,10 @@ def _stats(theta, sigma, key, cotangent, *, cfg: _Config):
     z, perturbed, y, y_plain = _forward(cfg, theta, sigma, key)
     y_eps, f_eps = _reduce(theta.shape, perturbed, y)
     b, m = y.shape[:2]
-    paired = cfg.antithetic
+    d = math.prod(theta.shape[1:])
     yf = _flat(y)
     if y.shape[2:] == theta.shape[1:]:
-        f_err = _stderr(jnp.einsum("bmd,bmd->bm", _flat(perturbed), yf), paired)
+        f_err = _stderr(jnp.einsum("bmd,bmd->bm", _flat(perturbed), yf), cfg, d)
     else:
         f_err = jnp.zeros_like(f_eps)
     vjp = vjp_err = None
@@ -336,12 +364,12 @@ def _stats(theta, sigma, key, cotangent, *, cfg: _Config):
             resid = c - jnp.einsum("bod,bmd->bmo", coef, gn) / _score_scale(gn)
             per = _vjp_terms(cfg, theta, sigma, resid, gs, va, vt)
             # residuals of a fit of d + 1 coefficients: the usual degrees of freedom
-            n_eff, d = (m // 2 if paired else m), gn.shape[-1]
+            n_eff = m // 2 if cfg.antithetic else m
             per = per * math.sqrt(n_eff / max(n_eff - d - 1, 1))
-        vjp_err = _stderr(per, paired).reshape(theta.shape)
+        vjp_err = _stderr(per, cfg, d).reshape(theta.shape)
     return MonteCarloStats(
         y_eps=y_eps,
-        y_eps_stderr=_stderr(yf, paired).reshape(y_eps.shape),
+        y_eps_stderr=_stderr(yf, cfg, d).reshape(y_eps.shape),
         max=f_eps,
         max_stderr=f_err,
         vjp=vjp,
@@ -504,6 +532,7 @@ class PerturbedOptimizer(eqx.Module):
     mesh: jax.sharding.Mesh | None = eqx.field(default=None, static=True)
     mesh_axes: str | tuple[str, ...] | None = eqx.field(default=None, static=True)
     symmetric_jacobian: bool = eqx.field(default=True, static=True)
+    orthogonal: bool = eqx.field(default=False, static=True)
 
     def __check_init__(self):
         if not isinstance(self.solver, AbstractSolver):
@@ -548,6 +577,18 @@ class PerturbedOptimizer(eqx.Module):
                     "PerturbedOptimizer: `antithetic=True` draws samples in pairs, so "
                     f"`num_samples` must be even, got {m}."
                 )
+        if not isinstance(self.orthogonal, bool):
+            raise TypeError(
+                "PerturbedOptimizer: `orthogonal` must be True or False, got "
+                f"{self.orthogonal!r}."
+            )
+        if self.orthogonal and not isinstance(self.noise, Normal):
+            raise ValueError(
+                "PerturbedOptimizer: `orthogonal=True` draws rotated standard normal "
+                f"vectors, so it needs `noise=sp.Normal()`, got {type(self.noise).__name__} "
+                "(the normal law is the only one with independent coordinates that "
+                "rotations leave unchanged). Set orthogonal=False for other noises."
+            )
         if self.chunk_size is not None and (
             not isinstance(self.chunk_size, int) or self.chunk_size < 1
         ):
@@ -603,6 +644,7 @@ class PerturbedOptimizer(eqx.Module):
             mesh=self.mesh,
             mesh_axes=self.mesh_axes,
             symmetric_jacobian=self.symmetric_jacobian,
+            orthogonal=self.orthogonal,
         )
         flat = theta.reshape(-1, *event_shape)
         return flat, sigma, cfg, batch_shape

@@ -16,6 +16,7 @@ from helpers import BAD_INPUT, mc_tol
 from scipy.stats import norm
 
 import structpert as sp
+from structpert._noise import orthogonal_normal
 from structpert._perturbed import _Config, _jacobian_terms
 
 
@@ -61,15 +62,18 @@ def test_jacobian_unbiased_simplex_gumbel():
     )
 
 
-@pytest.mark.parametrize("antithetic", [False, True])
-def test_probit_two_items_normal(antithetic):
+@pytest.mark.parametrize("antithetic, orthogonal", [(False, False), (True, False),
+                                                     (False, True), (True, True)])
+def test_probit_two_items_normal(antithetic, orthogonal):
     """Two items, Normal noise: P(y* = e1) = Phi(u), u = (t1 - t2) / (eps sqrt 2).
     Checks the value, the theta-derivative phi(u) / (eps sqrt 2) and the
-    sigma-derivative -phi(u) u / eps (leave-one-pair-out baseline with pairs)."""
+    sigma-derivative -phi(u) u / eps (leave-one-pair-out baseline with pairs), also
+    with orthogonal samples (pairs of orthogonal vectors here)."""
     eps, reps, m = 0.5, 400, 64
     theta = jnp.array([0.3, 0.0])
     u = 0.3 / (eps * np.sqrt(2))
-    opt = sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), eps, m, antithetic=antithetic)
+    opt = sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), eps, m, antithetic=antithetic,
+                                orthogonal=orthogonal)
 
     def one(key):
         f = lambda t, s: eqx_call(opt, t, s, key)[0]
@@ -115,6 +119,7 @@ def test_antithetic_lowers_value_variance_normal():
         {"noise": sp.Normal(), "control_variate": "regression"},
         {"noise": sp.Normal(), "control_variate": "regression", "antithetic": True},
         {"perturbation": "multiplicative", "control_variate": "regression"},
+        {"noise": sp.Normal(), "orthogonal": True},
     ],
 )
 def test_stats_match_layer_and_grad(kwargs):
@@ -141,11 +146,18 @@ def test_stats_match_layer_and_grad(kwargs):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"control_variate": "regression"}, {"control_variate": "regression", "antithetic": True}],
+    [
+        {},
+        {"control_variate": "regression"},
+        {"control_variate": "regression", "antithetic": True},
+        {"orthogonal": True},
+        {"orthogonal": True, "antithetic": True},
+    ],
 )
 def test_stats_stderr_is_calibrated(kwargs):
     """Reported standard errors agree with the standard deviation of the estimates
-    over 300 independent keys (to the sampling error of a standard deviation)."""
+    over 300 independent keys (to the sampling error of a standard deviation). With
+    orthogonal samples they come from the 13 (7 with pairs) independent blocks."""
     theta = jax.random.normal(jax.random.key(0), (8,))
     v = jax.random.normal(jax.random.key(1), (8,))
     opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), 0.5, 100, **kwargs)
@@ -296,9 +308,81 @@ def test_float32_gradient():
 def test_bad_inputs():
     with pytest.raises(BAD_INPUT, match="symmetric_jacobian"):
         sp.PerturbedOptimizer(sp.Simplex(), symmetric_jacobian="yes")  # pyright: ignore
+    with pytest.raises(BAD_INPUT, match="orthogonal"):
+        sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), orthogonal=1)  # pyright: ignore
+    with pytest.raises(BAD_INPUT, match="orthogonal=True.*sp.Normal"):
+        sp.PerturbedOptimizer(sp.Simplex(), sp.Gumbel(), orthogonal=True)
     big = sp.PerturbedOptimizer(sp.Permutahedron(), control_variate="regression")
     with pytest.raises(BAD_INPUT, match="control_variate"):
         jax.eval_shape(lambda t: big(t, key=jax.random.key(0)), jnp.zeros(4097))
     opt = sp.PerturbedOptimizer(sp.Simplex())
     with pytest.raises(BAD_INPUT, match="cotangent"):
         opt.stats(jnp.zeros(4), key=jax.random.key(0), cotangent=jnp.zeros(3))
+
+
+@pytest.mark.parametrize("num, shape", [(23, (5,)), (3, (2, 4)), (8, (8,))])
+def test_orthogonal_normal_blocks(num, shape):
+    """Blocks of min(num, d) mutually orthogonal vectors; the last block may be cut."""
+    z = np.asarray(orthogonal_normal(jax.random.key(0), num, shape, jnp.dtype("float64")))
+    assert z.shape == (num, *shape)
+    d = int(np.prod(shape))
+    k = min(num, d)
+    z = z.reshape(num, d)
+    for start in range(0, num, k):
+        block = z[start : start + k]
+        gram = block @ block.T
+        np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0, atol=1e-10)
+        assert np.all(np.diag(gram) > 0)
+
+
+def test_orthogonal_normal_is_standard_normal():
+    """Every sample of a block, the first (a plain Gaussian vector) and the last (the
+    most constrained by orthogonality) alike, is N(0, I): mean, covariance and
+    fourth moment over 20000 blocks, within 5 standard errors; blocks of
+    different keys are independent (zero cross-covariance)."""
+    d, reps = 4, 20_000
+    keys = jax.random.split(jax.random.key(1), reps)
+    z = np.asarray(jax.vmap(lambda k: orthogonal_normal(k, d, (d,), jnp.dtype("float64")))(keys))
+    for j in (0, d - 1):
+        x = z[:, j]  # (reps, d)
+        assert np.all(np.abs(x.mean(0)) <= mc_tol(x.std(0), reps))
+        prods = x[:, :, None] * x[:, None, :]
+        cov_err = np.abs(prods.mean(0) - np.eye(d))
+        assert np.all(cov_err <= mc_tol(prods.std(0), reps))
+        assert np.all(np.abs((x**4).mean(0) - 3) <= mc_tol((x**4).std(0), reps))
+    cross = z[:-1, 0, :, None] * z[1:, 0, None, :]  # consecutive keys
+    assert np.all(np.abs(cross.mean(0)) <= mc_tol(cross.std(0), reps - 1))
+
+
+def test_orthogonal_noise_of_instance_i_depends_only_on_key_and_i():
+    """With orthogonal sampling, instance i draws its blocks from fold_in(key, i)
+    (antithetic pairs: the M/2 first samples are orthogonal, the rest their negatives)."""
+    from structpert._perturbed import _draw_noise
+
+    cfg = _Config(sp.Permutahedron(), sp.Normal(), 8, 1, "additive", "none", True, None,
+                  orthogonal=True)
+    f32 = jnp.dtype("float32")
+    z9 = _draw_noise(cfg, jax.random.key(3), 9, (4,), f32)
+    z2 = _draw_noise(cfg, jax.random.key(3), 2, (4,), f32)
+    np.testing.assert_array_equal(z9[:2], z2)
+    np.testing.assert_array_equal(z9[:, 4:], -z9[:, :4])
+    expected = orthogonal_normal(jax.random.fold_in(jax.random.key(3), 5), 4, (4,), f32)
+    np.testing.assert_array_equal(z9[5, :4], expected)
+
+
+def test_orthogonal_lowers_the_variance_and_is_unbiased():
+    """On a 20-item ranking, orthogonal samples lower the total variance of the
+    Jacobian estimate about 5 times (0.19 measured at M = 100 and 400; the benchmark
+    measures 1.3 to 13 times lower MSE), and its mean agrees with leave-one-out's on
+    iid samples within 5 standard errors: both are unbiased."""
+    theta = jax.random.normal(jax.random.key(0), (20,))
+    reps = 100
+    jacs = {}
+    for orthogonal in (False, True):
+        opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), 0.5, 100,
+                                    orthogonal=orthogonal)
+        jacs[orthogonal] = _repeat_jacobians(opt, theta, reps, seed=1)
+    iid, orth = jacs[False], jacs[True]
+    assert orth.var(0).sum() < 0.35 * iid.var(0).sum()
+    tol = mc_tol(np.sqrt(orth.var(0) + iid.var(0)), reps) + 1e-12
+    assert np.all(np.abs(orth.mean(0) - iid.mean(0)) <= tol)
