@@ -116,6 +116,7 @@ def count_calls(m=10, d=5):
     ours = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m)
     ours_u = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m, control_variate="unperturbed")
     ours_r = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m, control_variate="regression")
+    ours_o = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m, orthogonal=True)
     cases = {
         "jaxopt argmax": lambda t: sq(jo(t, key)),
         "jaxopt argmax, control_variate=True": lambda t: sq(jo_cv(t, key)),
@@ -125,6 +126,7 @@ def count_calls(m=10, d=5):
         "structpert argmax": lambda t: sq(ours(t, key=key)),
         "structpert argmax, unperturbed": lambda t: sq(ours_u(t, key=key)),
         "structpert argmax, regression": lambda t: sq(ours_r(t, key=key)),
+        "structpert argmax, orthogonal": lambda t: sq(ours_o(t, key=key)),
         "structpert FY": lambda t: sp.FenchelYoungLoss(ours)(t, y, key=key),
     }
     out = {}

@@ -125,33 +125,46 @@ def orthogonal_normal(
     on the sphere and independent of the lengths $\\|g_j\\|$; the samples $\\|g_j\\|
     q_j$ are therefore standard normal, and orthogonal. Flipping the sign of one
     sample leaves the joint law unchanged, which keeps the leave-one-out baseline
-    unbiased. Gram-Schmidt is computed as Cholesky QR, twice (matrix products, fast on
-    accelerators, where batched Householder QR is slow); the first pass adds a small
-    ridge so that it never fails on a nearly singular block. Both keep the two
-    properties used above (commuting with rotations and with sign flips), so rounding
-    and the ridge can only cost orthogonality, never exactness of the law. Cost:
-    $O(num \\cdot d \\cdot k)$ arithmetic.
+    unbiased. Any orthonormalisation that commutes with rotations and sign flips has
+    these properties, so rounding can cost orthogonality, never exactness of the law.
+    On the CPU it is Householder QR; elsewhere, where batched QR is slow, Cholesky QR
+    (matrix products; see `_cholesky_qr`). Cost: $O(num \\cdot d \\cdot k)$.
     """
     d = math.prod(event_shape)
     k = min(num, d)
     blocks = -(-num // k)
-    # no half-precision Cholesky kernels: work in float32 at least
+    # no half-precision QR or Cholesky kernels: work in float32 at least
     work = jnp.promote_types(dtype, jnp.float32)
     g = jax.random.normal(key, (blocks, d, k), work)
     lengths = jnp.linalg.norm(g, axis=1, keepdims=True)
-    ridge = 100 * k * float(jnp.finfo(work).eps)
-    q = _cholesky_qr(_cholesky_qr(g / lengths, ridge), 0.0)
+    q = jax.lax.platform_dependent(g / lengths, cpu=_householder_qr, default=_cholesky_qr)
     q = q / jnp.linalg.norm(q, axis=1, keepdims=True)
     z = jnp.swapaxes(q * lengths, 1, 2).reshape(blocks * k, *event_shape)[:num]
     return z.astype(dtype)
 
 
-def _cholesky_qr(u: Float[Array, "b d k"], ridge: float) -> Float[Array, "b d k"]:
-    """Q = U R^-1 with R^T R = U^T U + ridge I (unit columns in U): one pass of
-    Cholesky QR, i.e. Gram-Schmidt up to rounding (and the ridge)."""
+def _householder_qr(u: Float[Array, "b d k"]) -> Float[Array, "b d k"]:
+    """Q of u = QR with a positive diagonal in R: Gram-Schmidt, computed stably."""
+    q, r = jnp.linalg.qr(u)
+    diag = jnp.diagonal(r, axis1=-2, axis2=-1)
+    return q * jnp.where(diag < 0, -1, 1).astype(u.dtype)[:, None, :]
+
+
+def _cholesky_qr(u: Float[Array, "b d k"], passes: int = 3) -> Float[Array, "b d k"]:
+    """Gram-Schmidt of the unit columns of u by shifted Cholesky QR: each pass maps
+    u to u R^-1 with R^T R = u^T u + s I and renormalises the columns. The shift s
+    (about 50 k times the rounding unit) keeps every Cholesky factorisation defined,
+    however close to singular the block; each pass multiplies the smallest singular
+    values by about 1/sqrt(s), so three passes orthonormalise to rounding all but
+    the rarest blocks (and those only less orthogonal, never wrong in law)."""
     k = u.shape[-1]
-    gram = jnp.einsum("bdi,bdj->bij", u, u, precision=jax.lax.Precision.HIGHEST)
-    chol = jnp.linalg.cholesky(gram + ridge * jnp.eye(k, dtype=u.dtype)[None])
-    return jax.lax.linalg.triangular_solve(
-        chol, u, left_side=False, lower=True, transpose_a=True
-    )
+    shift = 50 * k * float(jnp.finfo(u.dtype).eps)
+    eye = jnp.eye(k, dtype=u.dtype)[None]
+    for _ in range(passes):
+        gram = jnp.einsum("bdi,bdj->bij", u, u, precision=jax.lax.Precision.HIGHEST)
+        chol = jnp.linalg.cholesky(gram + shift * eye)
+        u = jax.lax.linalg.triangular_solve(
+            chol, u, left_side=False, lower=True, transpose_a=True
+        )
+        u = u / jnp.linalg.norm(u, axis=1, keepdims=True)
+    return u

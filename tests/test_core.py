@@ -174,12 +174,15 @@ def _counting_solver():
 
 
 @pytest.mark.parametrize(
-    "control_variate", ["none", "leave_one_out", "unperturbed", "regression"]
+    "control_variate", ["none", "leave_one_out", "unperturbed", "regression", "orthogonal"]
 )
 def test_one_solver_pass_per_value_and_grad(control_variate):
     solver, calls = _counting_solver()
     m, batch = 5, 3
-    opt = sp.PerturbedOptimizer(sp.Simplex(), num_samples=m, control_variate=control_variate)
+    if control_variate == "orthogonal":  # the sampling option, with the default baseline
+        opt = sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), num_samples=m, orthogonal=True)
+    else:
+        opt = sp.PerturbedOptimizer(sp.Simplex(), num_samples=m, control_variate=control_variate)
     opt = eqx.tree_at(lambda o: o.solver, opt, solver)
     extra = 1 if control_variate == "unperturbed" else 0
     theta = jax.random.normal(jax.random.key(0), (batch, 4))
