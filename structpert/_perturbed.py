@@ -304,32 +304,27 @@ _jit_kernel = eqx.filter_jit(_kernel)
 def _stderr(x: Array, cfg: _Config, d: int) -> Array:
     """Standard error of the mean over axis 1 of x (B, M, ...), from its independent
     units: the samples, the antithetic pairs, or with `orthogonal` the blocks of
-    min(units, d) (see `orthogonal_normal`), each block's sum compared with its size
-    times the mean (so a few blocks give a noisy error, not a biased one). With fewer
-    than two blocks, the units are taken as independent (orthogonal samples usually
-    make that an overstatement)."""
+    min(units, d) (see `orthogonal_normal`). For blocks: the spread of the full
+    blocks' sums around their expected value (divided by the mean factor c4 of a
+    standard deviation from few blocks, so few blocks give a noisy error, not a biased
+    one), and for the units of a last, partial block the independent-sample variance
+    (its strata are a random subset). With fewer than two full blocks, the units are
+    taken as independent (orthogonal samples usually make that an overstatement)."""
     units = _pairs(x) if cfg.antithetic else x
     n = units.shape[1]
     if n < 2:
         return jnp.full(x.shape[:1] + x.shape[2:], jnp.nan, x.dtype)
+    plain = jnp.var(units, axis=1, ddof=1)
     block = min(n, d) if cfg.orthogonal else 1
-    num_blocks = -(-n // block)
-    if num_blocks < 2:
-        block, num_blocks = 1, n
-    if block == 1:
-        return jnp.std(units, axis=1, ddof=1) / jnp.sqrt(jnp.asarray(n, x.dtype))
-    pad = [(0, 0), (0, num_blocks * block - n)] + [(0, 0)] * (units.ndim - 2)
-    sums = jnp.sum(jnp.pad(units, pad).reshape(x.shape[0], num_blocks, block,
-                                               *units.shape[2:]), axis=2)
-    sizes = jnp.minimum(block, n - block * jnp.arange(num_blocks)).astype(x.dtype)
-    sizes = sizes.reshape(1, num_blocks, *([1] * (units.ndim - 2)))
-    dev = sums - sizes * jnp.mean(units, axis=1, keepdims=True)
-    var = jnp.sum(dev**2 / sizes, axis=1) / (num_blocks - 1)  # per unit
-    # from few blocks the square root is biased low: divide by its mean factor c4
-    c4 = math.sqrt(2 / (num_blocks - 1)) * math.exp(
-        math.lgamma(num_blocks / 2) - math.lgamma((num_blocks - 1) / 2)
-    )
-    return jnp.sqrt(var / n) / c4
+    full, rest = divmod(n, block)
+    if block == 1 or full < 2:
+        return jnp.sqrt(plain / n)
+    sums = jnp.sum(units[:, : full * block].reshape(x.shape[0], full, block,
+                                                  *units.shape[2:]), axis=2)
+    dev = sums - block * jnp.mean(units, axis=1, keepdims=True)
+    c4 = math.sqrt(2 / (full - 1)) * math.exp(math.lgamma(full / 2) - math.lgamma((full - 1) / 2))
+    var_full = jnp.sum(dev**2, axis=1) / (full - 1) / c4**2  # of one block's sum
+    return jnp.sqrt(full * var_full + rest * plain) / n
 
 
 @eqx.filter_jit
