@@ -112,6 +112,10 @@ class Normal(AbstractNoise):
         return z
 
 
+# Stratify the lengths of orthogonal samples up to this event size (see `_gamma_tails`).
+_STRATIFY_MAX_SIZE = 64
+
+
 def orthogonal_normal(
     key: PRNGKeyArray, num: int, event_shape: tuple[int, ...], dtype: jnp.dtype
 ) -> Float[Array, "..."]:
@@ -122,16 +126,17 @@ def orthogonal_normal(
     Carlo") and their lengths are stratified; blocks are independent. The directions
     are the Gram-Schmidt orthonormalisation of the columns of a Gaussian $d \\times k$
     matrix: Gram-Schmidt commutes with rotations, so each direction is uniform on the
-    sphere. The lengths are drawn apart: the $k$ lengths of a block are the $\\chi_d$
-    quantiles of $(\\pi_j + U_j)/k$, with $\\pi$ a random permutation and $U_j$
-    uniform, so each is exactly $\\chi_d$ (one from each of $k$ equally likely
-    strata). A uniform direction times an independent $\\chi_d$ length is standard
-    normal. Flipping the sign of one sample leaves the joint law unchanged, which
+    sphere. For $d \\le 64$ the lengths are drawn apart and stratified: the $k$
+    lengths of a block are the $\\chi_d$ quantiles of $(\\pi_j + U_j)/k$, with $\\pi$
+    a random permutation and $U_j$ uniform, so each is exactly $\\chi_d$ (one from
+    each of $k$ equally likely strata); for larger $d$, where $\\chi_d$ is narrow and
+    stratifying made no measurable difference, they are the columns' own lengths,
+    independent of their directions. A uniform direction times an independent
+    $\\chi_d$ length is standard normal. Flipping the sign of one sample leaves the joint law unchanged, which
     keeps the leave-one-out baseline unbiased. Any orthonormalisation that commutes
     with rotations and sign flips has these properties, so rounding can cost
-    orthogonality, never exactness of the law; the quantiles are exact to the
-    precision of `jax.scipy.special.gammainc` (relative 1e-6 in float32 for $d \\le
-    100$, 1e-4 at $d = 10^4$). On the CPU the orthonormalisation is Householder QR;
+    orthogonality, never exactness of the law; the quantiles are exact to about 2e-6
+    (relative, float32). On the CPU the orthonormalisation is Householder QR;
     elsewhere, where batched QR is slow, Cholesky QR (matrix products; see
     `_cholesky_qr`). Cost: $O(num \\cdot d \\cdot k)$.
     """
@@ -145,37 +150,67 @@ def orthogonal_normal(
     u = g / jnp.linalg.norm(g, axis=1, keepdims=True)
     q = jax.lax.platform_dependent(u, cpu=_householder_qr, default=_cholesky_qr)
     q = q / jnp.linalg.norm(q, axis=1, keepdims=True)
-    # stratum of each length: a random permutation of 0..k-1 per block
-    strata = jnp.argsort(jax.random.uniform(key_perm, (blocks, k)), axis=-1).astype(work)
-    v = jax.random.uniform(key_unif, (blocks, k), work)
-    lengths = _chi_quantile((strata + v) / k, (k - 1 - strata + (1 - v)) / k, d)
+    if d <= _STRATIFY_MAX_SIZE:
+        # stratum of each length: a random permutation of 0..k-1 per block
+        strata = jnp.argsort(jax.random.uniform(key_perm, (blocks, k)), axis=-1).astype(work)
+        v = jax.random.uniform(key_unif, (blocks, k), work)
+        lengths = _chi_quantile((strata + v) / k, (k - 1 - strata + (1 - v)) / k, d)
+    else:  # chi_d is narrow: the columns' own lengths, independent of their directions
+        lengths = jnp.linalg.norm(g, axis=1)
     z = jnp.swapaxes(q * lengths[:, None, :], 1, 2).reshape(blocks * k, *event_shape)[:num]
     return z.astype(dtype)
 
 
 def _chi_quantile(p: Array, q: Array, d: int, iterations: int = 12) -> Array:
     """r with P(chi_d <= r) = p, given p and q = 1 - p (both, for accuracy in either
-    tail): Newton's method on the log of the smaller tail of x = r^2 / 2 ~ Gamma(d/2),
-    in log x, from the Wilson-Hilferty approximation."""
+    tail), for d <= `_STRATIFY_MAX_SIZE`: Newton's method on the log of the smaller
+    tail of x = r^2 / 2 ~ Gamma(d/2), in log x, from the Wilson-Hilferty
+    approximation. Loop-free (`_gamma_tails`), so it is one fused kernel on a GPU,
+    where the while loops of `jax.scipy.special.gammainc` cost milliseconds."""
     a = d / 2
-    log_gamma = jax.scipy.special.gammaln(a)
     lower = p < 0.5
     z = jnp.where(lower, jax.scipy.special.ndtri(p), -jax.scipy.special.ndtri(q))
     c = 1 / (9 * a)
     t = math.log(a) + 3 * jnp.log(jnp.maximum(1 - c + z * math.sqrt(c), 0.05))
     # P(a, x) <= x^a / (a Gamma(a)): a lower bound on log x, for the far lower tail
-    t = jnp.where(lower, jnp.maximum(t, (jnp.log(p) + math.log(a) + log_gamma) / a), t)
+    t = jnp.where(lower, jnp.maximum(t, (jnp.log(p) + math.log(a) + math.lgamma(a)) / a), t)
     log_p, log_q = jnp.log(p), jnp.log(q)
     for _ in range(iterations):
         x = jnp.exp(t)
-        tail = jnp.where(
-            lower, jax.scipy.special.gammainc(a, x), jax.scipy.special.gammaincc(a, x)
-        )
-        tail = jnp.maximum(tail, jnp.finfo(p.dtype).tiny)
-        slope = jnp.exp(a * t - x - log_gamma) / tail  # |d log tail / d log x|
+        below, above = _gamma_tails(x, d)
+        tail = jnp.maximum(jnp.where(lower, below, above), jnp.finfo(p.dtype).tiny)
+        slope = jnp.exp(a * t - x - math.lgamma(a)) / tail  # |d log tail / d log x|
         h = jnp.where(lower, jnp.log(tail) - log_p, log_q - jnp.log(tail))
         t = t - jnp.clip(h / jnp.maximum(slope, 1e-30), -2.0, 2.0)
     return jnp.sqrt(2 * jnp.exp(t))
+
+
+def _gamma_tails(x: Array, d: int, terms: int = 64) -> tuple[Array, Array]:
+    """P(X <= x) and P(X > x) for X ~ Gamma(d/2), integer d <= 64, without loops: the
+    lower tail by its power series e^-x x^a / Gamma(a + 1) sum_n x^n / ((a+1)..(a+n))
+    (`terms` terms, enough below the median, where it is used), the upper tail by the
+    finite sums of integer d (with erfc for odd d)."""
+    a = d / 2
+    term = total = jnp.ones_like(x)
+    for n in range(1, terms):
+        term = term * x / (a + n)
+        total = total + term
+    below = jnp.exp(a * jnp.log(x) - x - math.lgamma(a + 1)) * total
+    if d % 2 == 0:  # e^-x sum_{j < d/2} x^j / j!
+        term = total = jnp.ones_like(x)
+        for j in range(1, d // 2):
+            term = term * x / j
+            total = total + term
+        return below, jnp.exp(-x) * total
+    root = jnp.sqrt(x)  # erfc(sqrt x) + e^-x sum_{j < (d-1)/2} x^(j+1/2) / Gamma(j + 3/2)
+    above = jax.scipy.special.erfc(root)
+    if d > 1:
+        term = total = root / math.gamma(1.5)
+        for j in range(1, (d - 1) // 2):
+            term = term * x / (j + 0.5)
+            total = total + term
+        above = above + jnp.exp(-x) * total
+    return below, above
 
 
 def _householder_qr(u: Float[Array, "b d k"]) -> Float[Array, "b d k"]:

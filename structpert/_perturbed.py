@@ -387,8 +387,9 @@ class MonteCarloStats(eqx.Module):
 
     Returned by [`structpert.PerturbedOptimizer.stats`][]. The standard error of a
     mean of $M$ samples is $\\hat s/\\sqrt{M}$, with $\\hat s$ the sample standard
-    deviation (with antithetic sampling, over the $M/2$ pair means). It falls as
-    $1/\\sqrt{M}$: to reach a target standard error $\\tau$, use about
+    deviation (with antithetic sampling, over the $M/2$ pair means; with
+    `orthogonal=True`, from the spread of the sums of the independent blocks, see the
+    guide "Gradient estimators"). It falls as $1/\\sqrt{M}$: to reach a target standard error $\\tau$, use about
     $M (\\mathrm{stderr}/\\tau)^2$ samples.
 
     **Fields:**
@@ -496,7 +497,8 @@ class PerturbedOptimizer(eqx.Module):
       The weights come from the same samples, which leaves a bias of order $1/M$,
       far below the Monte-Carlo error (not detected in our tests).
     - `orthogonal`: draw the samples of each instance in blocks of $\\min(M, d)$
-      mutually orthogonal vectors, each exactly $N(0, I)$ (`noise=sp.Normal()` only;
+      mutually orthogonal vectors with stratified lengths, each exactly $N(0, I)$
+      (`noise=sp.Normal()` only;
       with `antithetic`, the $M/2$ first samples). Unbiased like independent draws;
       the Jacobian estimate's mean squared error was 1.4 to 13 times lower in our
       benchmark (the linear part of the solutions' response to the noise then
