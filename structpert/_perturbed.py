@@ -503,7 +503,7 @@ class PerturbedOptimizer(eqx.Module):
       the Jacobian estimate's mean squared error was 1.4 to 13 times lower in our
       benchmark (the linear part of the solutions' response to the noise then
       averages out exactly). Cost: $O(Md\\min(M, d))$ arithmetic per instance to
-      orthogonalise, about 4 ms on a CPU and 0.4 ms on a GPU at $d = 100$, $M = 1000$
+      orthogonalise, about 4 ms on a CPU and 0.5 ms on a GPU at $d = 100$, $M = 1000$
       (default `False`).
 
     **Keys:** one key for the whole batch; the noise of instance $i$ (in row-major
