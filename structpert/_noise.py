@@ -121,24 +121,24 @@ def orthogonal_normal(
 ) -> Float[Array, "..."]:
     """`num` standard normal vectors of `event_shape`, orthogonal in blocks.
 
-    Each sample is exactly $N(0, I_d)$ ($d$ = the event size), but within a block of
-    $k = \\min(num, d)$ samples the vectors are mutually orthogonal ("orthogonal Monte
-    Carlo") and their lengths are stratified; blocks are independent. The directions
-    are the Gram-Schmidt orthonormalisation of the columns of a Gaussian $d \\times k$
+    Each sample is exactly $N(0, I_d)$ ($d$ = the event size), but within a block of $k
+    = \\min(num, d)$ samples the vectors are mutually orthogonal ("orthogonal Monte
+    Carlo") and their lengths are stratified; blocks are independent. The directions are
+    the Gram-Schmidt orthonormalisation of the columns of a Gaussian $d \\times k$
     matrix: Gram-Schmidt commutes with rotations, so each direction is uniform on the
-    sphere. For $d \\le 64$ the lengths are drawn apart and stratified: the $k$
-    lengths of a block are the $\\chi_d$ quantiles of $(\\pi_j + U_j)/k$, with $\\pi$
-    a random permutation and $U_j$ uniform, so each is exactly $\\chi_d$ (one from
-    each of $k$ equally likely strata); for larger $d$, where $\\chi_d$ is narrow and
-    stratifying made no measurable difference, they are the columns' own lengths,
-    independent of their directions. A uniform direction times an independent
-    $\\chi_d$ length is standard normal. Flipping the sign of one sample leaves the joint law unchanged, which
-    keeps the leave-one-out baseline unbiased. Any orthonormalisation that commutes
-    with rotations and sign flips has these properties, so rounding can cost
+    sphere. For $d \\le 64$ the lengths are drawn apart and stratified: the $k$ lengths
+    of a block are the $\\chi_d$ quantiles of $(\\pi_j + U_j)/k$, with $\\pi$ a random
+    permutation and $U_j$ uniform, so each is exactly $\\chi_d$ (one from each of $k$
+    equally likely strata); for larger $d$, where $\\chi_d$ is narrow and stratifying
+    made no measurable difference, they are the columns' own lengths, independent of
+    their directions. A uniform direction times an independent $\\chi_d$ length is
+    standard normal. Flipping the sign of one sample leaves the joint law unchanged,
+    which keeps the leave-one-out baseline unbiased. Any orthonormalisation that
+    commutes with rotations and sign flips has these properties, so rounding can cost
     orthogonality, never exactness of the law; the quantiles are exact to about 2e-6
-    (relative, float32). On the CPU the orthonormalisation is Householder QR;
-    elsewhere, where batched QR is slow, Cholesky QR (matrix products; see
-    `_cholesky_qr`). Cost: $O(num \\cdot d \\cdot k)$.
+    (relative, float32). On the CPU the orthonormalisation is Householder QR; elsewhere,
+    where batched QR is slow, Cholesky QR (matrix products; see `_cholesky_qr`). Cost:
+    $O(num \\cdot d \\cdot k)$.
     """
     d = math.prod(event_shape)
     k = min(num, d)

@@ -389,8 +389,8 @@ class MonteCarloStats(eqx.Module):
     mean of $M$ samples is $\\hat s/\\sqrt{M}$, with $\\hat s$ the sample standard
     deviation (with antithetic sampling, over the $M/2$ pair means; with
     `orthogonal=True`, from the spread of the sums of the independent blocks, see the
-    guide "Gradient estimators"). It falls as $1/\\sqrt{M}$: to reach a target standard error $\\tau$, use about
-    $M (\\mathrm{stderr}/\\tau)^2$ samples.
+    guide "Gradient estimators"). It falls as $1/\\sqrt{M}$: to reach a target
+    standard error $\\tau$, use about $M (\\mathrm{stderr}/\\tau)^2$ samples.
 
     **Fields:**
 
