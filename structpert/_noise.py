@@ -123,7 +123,7 @@ def orthogonal_normal(
 
     Each sample is exactly $N(0, I_d)$ ($d$ = the event size), but within a block of $k
     = \\min(num, d)$ samples the vectors are mutually orthogonal ("orthogonal Monte
-    Carlo") and their lengths are stratified; blocks are independent. The directions are
+    Carlo"), with stratified lengths for $d \\le 64$; blocks are independent. The directions are
     the Gram-Schmidt orthonormalisation of the columns of a Gaussian $d \\times k$
     matrix: Gram-Schmidt commutes with rotations, so each direction is uniform on the
     sphere. For $d \\le 64$ the lengths are drawn apart and stratified: the $k$ lengths
