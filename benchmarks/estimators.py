@@ -379,20 +379,31 @@ def interleaved_best(fns, repeats):
     return best
 
 
-def timing(d=100, m=1000, repeats=20):
+def timing(d=100, m=1000, repeats=20, batch=1):
+    """Time per value_and_grad step; with batch > 1, a batch of instances per step
+    (structpert takes the batch and one key; the peers, written for one instance, are
+    vmapped with one key per instance)."""
     key = jax.random.key(0)
-    theta = jax.random.normal(jax.random.key(1), (d,), F32)
+    theta = jax.random.normal(jax.random.key(1), (batch, d), F32)
     cases = [
         ("simplex, Gumbel", one_hot, sp.Simplex(), "gumbel", 0.5),
         ("ranking, Normal", ranking, sp.Permutahedron(), "normal", 0.5),
         ("top-10, Normal", make_topk(10), sp.TopK(10), "normal", 0.5),
     ]
+    if batch > 1:  # the ranking is dominated by its sorts at any batch size
+        cases = [c for c in cases if not c[0].startswith("ranking")]
+
+    def instances(f):
+        """f(theta, key, y) of one instance -> summed over the batch (split keys)."""
+        return lambda t, k, y: jnp.sum(jax.vmap(f)(t, jax.random.split(k, batch), y))
+
     rows = []
     for name, fn, solver, noise_name, eps in cases:
         sp_noise, jo_noise, ox_noise = NOISES[noise_name]
-        y = fn(theta + 0.3)
-        perturbed = theta + eps * sp_noise.sample(jax.random.key(2), (m, d), F32)
-        sq = lambda a, y=y: jnp.sum((a - y) ** 2)
+        y = jax.vmap(fn)(theta + 0.3)
+        z = sp_noise.sample(jax.random.key(2), (batch, m, d), F32)
+        perturbed = (theta[:, None] + eps * z).reshape(batch * m, d)
+        sq = lambda a, y: jnp.sum((a - y) ** 2)
         layers = {
             "structpert": sp.PerturbedOptimizer(solver, sp_noise, eps, m),
             "sp FunctionSolver": sp.PerturbedOptimizer(
@@ -417,26 +428,40 @@ def timing(d=100, m=1000, repeats=20):
             # written out in full (XLA fuses the mean into the solve)
             floor = jax.jit(
                 lambda t, k, solve=solve: jnp.mean(
-                    jax.vmap(solve)(t + eps * sp_noise.sample(k, (m, d), F32)), axis=0
+                    jax.vmap(solve)(
+                        (t[:, None] + eps * sp_noise.sample(k, (batch, m, d), F32)).reshape(-1, d)
+                    ).reshape(batch, m, d),
+                    axis=1,
                 )
             )
             fns[(lib, "bare")] = lambda bare=bare: bare(perturbed)
             fns[(lib, "floor")] = lambda floor=floor: floor(theta, key)
         losses = {}
         for lib, o in layers.items():
-            losses[(lib, "loss")] = lambda t, k, o=o: sq(o(t, key=k))
-            losses[(lib, "FY")] = lambda t, k, o=o: sp.FenchelYoungLoss(o)(t, y, key=k)
-        losses[("jaxopt", "loss")] = lambda t, k: sq(jo(t, k))
-        losses[("jaxopt", "FY")] = lambda t, k, y=y: jo_max(t, k) - t @ y
-        losses[("optax", "loss")] = lambda t, k: sq(ox(k, t))
-        losses[("optax", "FY")] = lambda t, k, y=y: ox_max(k, t) - t @ y
+            losses[(lib, "loss")] = lambda t, k, y, o=o: sq(o(t, key=k), y)
+            losses[(lib, "FY")] = lambda t, k, y, o=o: jnp.sum(
+                sp.FenchelYoungLoss(o)(t, y, key=k)
+            )
+        peers = {
+            ("jaxopt", "loss"): lambda t, k, y: sq(jo(t, k), y),
+            ("jaxopt", "FY"): lambda t, k, y: jo_max(t, k) - t @ y,
+            ("optax", "loss"): lambda t, k, y: sq(ox(k, t), y),
+            ("optax", "FY"): lambda t, k, y: ox_max(k, t) - t @ y,
+        }
+        for lk, f in peers.items():
+            losses[lk] = instances(f) if batch > 1 else f
+        args = (theta, key, y) if batch > 1 else (theta[0], key, y[0])
         for lk, f in losses.items():
             vg = jax.jit(jax.value_and_grad(f))
-            fns[lk] = lambda vg=vg: vg(theta, key)
+            fns[lk] = lambda vg=vg, args=args: vg(*args)
         row = interleaved_best(fns, repeats)
         row["case"] = name
         rows.append(row)
-    print(f"\nTime per value_and_grad step, d={d}, M={m}, float32, min of {repeats} runs")
+    print(
+        f"\nTime per value_and_grad step, d={d}, M={m}"
+        + (f", a batch of {batch} instances" if batch > 1 else "")
+        + f", float32, min of {repeats} runs"
+    )
     print("taken in turns. bare = the vmapped solver on M given perturbed inputs;")
     print("floor = drawing the noise + perturbing + solving + averaging (what any method must do).")
     print("structpert's rows use its solver class (the default estimator, and")
@@ -554,6 +579,7 @@ def main(
     repeats = 5 if quick else 20
     if "timing" in parts:
         out["timing"] = timing(repeats=repeats)
+        out["timing_batch"] = timing(repeats=max(3, repeats // 4), batch=32)
     if "pipeline" in parts:
         out["pipeline"] = pipeline(repeats=repeats)
         out["pipeline100"] = pipeline(n=100, m=1000, sigma=0.2, repeats=max(3, repeats // 4))

@@ -1,0 +1,125 @@
+"""Threefry-2x32 random bits as one fused kernel, identical to JAX's own.
+
+JAX's default key, `jax.random.key(seed)`, uses the Threefry-2x32 counter-based hash
+(Salmon et al., 2011, "Parallel random numbers: as easy as 1, 2, 3"). Under JAX's
+default `jax_threefry_partitionable = True`, entry `j` (row-major) of
+`jax.random.bits(key, shape)` is `a ^ b`, where `(a, b)` is the hash of the 64-bit
+counter `j` (as the pair hi, lo) under the key's two 32-bit words.
+
+On the CPU, JAX compiles that hash as a loop of 5 steps over whole arrays (to keep
+compilation short), so each of its 20 rounds reads and writes the full arrays from
+memory. Drawing the layer's noise is then often slower than a cheap solver. Here the
+same 20 rounds are written out as plain integer array code, which XLA fuses into one
+pass over the counters that keeps everything in registers.
+
+`fast_threefry_key(key)` returns the key rewrapped with that implementation; the
+samplers of `jax.random` called with it (`normal`, `gumbel`, `uniform`, `split`,
+`fold_in`, ...) then return exactly the values they return for `key`, in less time.
+The test suite checks the equality bit for bit. Keys of other implementations, and
+Threefry keys under `jax_threefry_partitionable = False` (whose bits are laid out
+differently), are returned unchanged.
+"""
+
+import math
+
+import jax
+import jax.extend.random as jex_random
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, PRNGKeyArray, UInt32
+
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PARITY = np.uint32(0x1BD11BDA)
+_UINT = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
+
+
+def _rotate_left(x: Array, r: int) -> Array:
+    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def threefry2x32(
+    k0: UInt32[Array, ""], k1: UInt32[Array, ""], x0: UInt32[Array, "*s"], x1: UInt32[Array, "*s"]
+) -> tuple[UInt32[Array, "*s"], UInt32[Array, "*s"]]:
+    """The Threefry-2x32 hash with 20 rounds, unrolled: 5 groups of 4 rounds, each
+    group followed by a key injection."""
+    ks = (k0, k1, k0 ^ k1 ^ _PARITY)
+    x0 = x0 + ks[0]
+    x1 = x1 + ks[1]
+    for group in range(5):
+        for r in _ROTATIONS[group % 2]:
+            x0 = x0 + x1
+            x1 = x0 ^ _rotate_left(x1, r)
+        x0 = x0 + ks[(group + 1) % 3]
+        x1 = x1 + ks[(group + 2) % 3] + np.uint32(group + 1)
+    return x0, x1
+
+
+def _flat_index(shape: tuple[int, ...]) -> Array:
+    """The row-major index of every entry of `shape`, as uint32 (size < 2**32), built
+    from one iota per axis so that XLA can partition it like any elementwise code."""
+    if not shape:
+        return jnp.zeros((), jnp.uint32)
+    strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+    index = lax.broadcasted_iota(jnp.uint32, shape, 0) * np.uint32(strides[0])
+    for axis in range(1, len(shape)):
+        index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(strides[axis])
+    return index
+
+
+def _threefry_key(data: Array) -> PRNGKeyArray:
+    return jax.random.wrap_key_data(data, impl="threefry2x32")
+
+
+def _random_bits(key: Array, bit_width: int, shape: tuple[int, ...]) -> Array:
+    """JAX's partitionable Threefry bits (see the module docstring); fused on the CPU.
+    Other platforms keep JAX's own code, which is not a loop there."""
+    dtype = _UINT.get(bit_width, jnp.uint64)
+    jax_bits = lambda k: jax.random.bits(_threefry_key(k), shape, dtype)
+    if math.prod(shape) >= 2**32:  # the counters need their high word
+        return jax_bits(key)
+    return lax.platform_dependent(
+        key, cpu=lambda k: _fused_bits(k, bit_width, shape), default=jax_bits
+    )
+
+
+def _fused_bits(key: Array, bit_width: int, shape: tuple[int, ...]) -> Array:
+    index = _flat_index(shape)
+    hi, lo = threefry2x32(key[0], key[1], jnp.zeros_like(index), index)
+    if bit_width == 64:
+        return (hi.astype(jnp.uint64) << np.uint64(32)) | lo.astype(jnp.uint64)
+    return (hi ^ lo).astype(_UINT[bit_width])
+
+
+def _via_threefry(fn):
+    """Key derivation (`split`, `fold_in`, seeding) is JAX's own Threefry code: it
+    touches a few words only, and must give the same keys."""
+
+    def derive(data, *args):
+        return jax.random.key_data(fn(_threefry_key(data), *args))
+
+    return derive
+
+
+_FUSED_THREEFRY = jex_random.define_prng_impl(
+    key_shape=(2,),
+    seed=lambda seed: jax.random.key_data(jax.random.key(seed, impl="threefry2x32")),
+    split=_via_threefry(jax.random.split),
+    random_bits=_random_bits,
+    fold_in=_via_threefry(jax.random.fold_in),
+    name="threefry2x32_fused",
+    tag="fry_fused",
+)
+
+
+def fast_threefry_key(key: Array) -> Array:
+    """`key` with fused Threefry bits when that gives the same numbers (a typed
+    Threefry key under partitionable Threefry); otherwise `key` itself."""
+    if (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        and str(jax.random.key_impl(key)) == "threefry2x32"
+        and bool(getattr(jax.config, "jax_threefry_partitionable", False))
+    ):
+        return jax.random.wrap_key_data(jax.random.key_data(key), impl=_FUSED_THREEFRY)
+    return key
