@@ -16,7 +16,9 @@ Three parts, all peers measured side by side in one run, in float32 as users run
 2. **Time per `value_and_grad` step** at d = 100, M = 1000, against the floor: the
    bare vmapped solver on the same M perturbed inputs (given), and drawing the noise
    plus solving. Peers use the same solver function as structpert's
-   `FunctionSolver` row; structpert's own solver classes are shown too.
+   `FunctionSolver` row; structpert's own solver classes are shown too. Then the same
+   for a batch of 32 instances per step (simplex and top-10; the peers vmapped with
+   one key per instance).
 3. **The seed notebook's ranking pipeline** end to end (n = 6, 100 samples,
    sigma 0.2, Gumbel, 20 jitted gradient steps on the squared loss of the perturbed
    ranks), with jaxopt, with `structpert.perturbations` as a drop-in (same `ranking`
