@@ -13,7 +13,8 @@ from structpert._threefry import fast_threefry_key, threefry2x32
 
 
 KEYS = [jax.random.key(0), jax.random.key(2**31 + 12345), jax.random.fold_in(jax.random.key(3), 9)]
-SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 3, 4), (1000, 37)]
+# the last one is above _WRITE_ONCE_MAX_SIZE (bits recomputed where they are read)
+SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 3, 4), (1000, 37), (1025, 1024)]
 
 
 def test_hash_matches_the_published_known_answers():
