@@ -52,7 +52,10 @@ class AbstractNoise(eqx.Module):
 
         **Arguments:**
 
-        - `key`: a JAX PRNG key.
+        - `key`: a JAX PRNG key. The layer passes JAX's default Threefry keys
+          rewrapped so that their random bits come from one fused kernel: the
+          `jax.random` functions return the same numbers with it as with the
+          original key.
         - `shape`: the shape of the sample.
         - `dtype`: a floating dtype.
 

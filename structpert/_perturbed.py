@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._noise import AbstractNoise, Gumbel, Normal, orthogonal_normal
 from ._sharding import check_mesh, shard_solve
 from ._solvers.base import AbstractSolver, solve_batch
-from ._threefry import fast_threefry_key
+from ._threefry import fast_threefry_key, is_partitionable_threefry
 
 
 Perturbation = Literal["additive", "multiplicative"]
@@ -82,12 +82,7 @@ def _draw_noise(cfg: _Config, key: PRNGKeyArray, batch: int, event_shape, dtype)
 
 def _one_draw(noise: AbstractNoise, key: PRNGKeyArray) -> bool:
     """Whether one draw of the whole noise array is batch-size independent."""
-    return (
-        type(noise).elementwise
-        and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-        and str(jax.random.key_impl(key)) == "threefry2x32"
-        and bool(getattr(jax.config, "jax_threefry_partitionable", False))
-    )
+    return type(noise).elementwise and is_partitionable_threefry(key)
 
 
 def _perturb(cfg: _Config, theta: Array, sigma: Array, z: Array) -> Array:

@@ -126,13 +126,19 @@ _FUSED_THREEFRY = jex_random.define_prng_impl(
 )
 
 
-def fast_threefry_key(key: Array) -> Array:
-    """`key` with fused Threefry bits when that gives the same numbers (a typed
-    Threefry key under partitionable Threefry); otherwise `key` itself."""
-    if (
+def is_partitionable_threefry(key: Array) -> bool:
+    """Whether entry j of every `jax.random` draw with `key` depends only on the key
+    and j: a typed Threefry key under partitionable Threefry (JAX's default)."""
+    return (
         jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
         and str(jax.random.key_impl(key)) == "threefry2x32"
         and bool(getattr(jax.config, "jax_threefry_partitionable", False))
-    ):
+    )
+
+
+def fast_threefry_key(key: Array) -> Array:
+    """`key` with fused Threefry bits when that gives the same numbers (see
+    `is_partitionable_threefry`); otherwise `key` itself."""
+    if is_partitionable_threefry(key):
         return jax.random.wrap_key_data(jax.random.key_data(key), impl=_FUSED_THREEFRY)
     return key
