@@ -1,7 +1,7 @@
 """Gradient estimators: structpert against jaxopt.perturbations and optax.perturbations.
 
 Three parts, all peers measured side by side in one run, in float32 as users run them
-(and a fourth, `bias`, on structpert's own estimators):
+(and two more on structpert alone: `bias`, of its estimators, and `memory`):
 
 1. **Gradient mean squared error at equal solver calls.** Solver calls are counted,
    not assumed: a `jax.pure_callback` solver counts the instances each library solves
@@ -24,6 +24,8 @@ Three parts, all peers measured side by side in one run, in float32 as users run
    ranks), with jaxopt, with `structpert.perturbations` as a drop-in (same `ranking`
    function, a double argsort) and with `sp.Permutahedron` (one sort); also at
    n = 100, M = 1000.
+4. **Memory** (structpert only) of the Fenchel-Young gradient step with and without
+   `chunk_size` (streamed sums), from XLA's accounting of the compiled step.
 
 Timings are the minimum over repeats (the machine is shared with other jobs).
 
@@ -32,7 +34,7 @@ Run it with
     python benchmarks/estimators.py                  # everything (about 10 minutes)
     python benchmarks/estimators.py --quick          # smaller reference, fewer repeats
     python benchmarks/estimators.py --parts timing   # one part (calls, mse, bias,
-                                                     # timing, pipeline)
+                                                     # timing, pipeline, memory)
     python benchmarks/estimators.py --parts mse --only n=6 --keys 4000
                                                      # some problems, more keys
 """
@@ -550,10 +552,36 @@ def pipeline(n=6, m=100, sigma=0.2, steps=20, repeats=5):
     return out
 
 
+# ---------------------------------------------------------------------------
+# Part 5: memory of the Fenchel-Young gradient step with chunk_size (structpert only)
+
+
+def memory(b=4, m=2000, d=500, chunk=400, repeats=5):
+    """XLA's temporary memory and the time of the compiled FY value_and_grad, with all
+    b x m perturbed instances at once and with chunk_size (streamed sums)."""
+    theta = jax.random.normal(jax.random.key(1), (b, d), F32)
+    y = jnp.zeros((b, d), F32)
+    rows = []
+    for name, solver in (("simplex", sp.Simplex()), ("ranking", sp.Permutahedron())):
+        for chunk_size in (None, chunk):
+            opt = sp.PerturbedOptimizer(solver, sp.Normal(), 0.5, m, chunk_size=chunk_size)
+            loss = lambda t, k, opt=opt: sp.FenchelYoungLoss(opt)(t, y, key=k).sum()
+            step = jax.jit(jax.value_and_grad(loss)).lower(theta, jax.random.key(0)).compile()
+            stats = step.memory_analysis()
+            temp = stats.temp_size_in_bytes / 1e6 if stats is not None else float("nan")
+            t = best_time(lambda step=step: step(theta, jax.random.key(0)), repeats)
+            rows.append((name, chunk_size, temp, t))
+    print(f"\nFenchel-Young value_and_grad, batch {b}, M={m}, d={d}, Normal noise, float32")
+    print(f"(one array of all instances: {b * m * d * 4 / 1e6:.1f} MB)")
+    for name, chunk_size, temp, t in rows:
+        print(f"  {name:8s} chunk_size={str(chunk_size):5s} temp {temp:7.1f} MB  {t * 1e3:8.1f} ms")
+    return rows
+
+
 def main(
     quick: bool = False,
     budget: int = 200,
-    parts=("calls", "mse", "bias", "timing", "pipeline"),
+    parts=("calls", "mse", "bias", "timing", "pipeline", "memory"),
     only: str = "",
     keys: int = 0,
 ):
@@ -585,6 +613,8 @@ def main(
     if "pipeline" in parts:
         out["pipeline"] = pipeline(repeats=repeats)
         out["pipeline100"] = pipeline(n=100, m=1000, sigma=0.2, repeats=max(3, repeats // 4))
+    if "memory" in parts:
+        out["memory"] = memory(repeats=max(3, repeats // 4))
     return out
 
 
@@ -594,8 +624,8 @@ if __name__ == "__main__":
     parser.add_argument("--budget", type=int, default=200, help="solver calls per gradient")
     parser.add_argument(
         "--parts",
-        default="calls,mse,bias,timing,pipeline",
-        help="comma-separated subset of calls,mse,bias,timing,pipeline",
+        default="calls,mse,bias,timing,pipeline,memory",
+        help="comma-separated subset of calls,mse,bias,timing,pipeline,memory",
     )
     parser.add_argument(
         "--only", default="", help='MSE part: problems whose name contains this, e.g. "n=6"'

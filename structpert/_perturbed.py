@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._noise import AbstractNoise, Gumbel, Normal, orthogonal_normal
 from ._sharding import check_mesh, shard_solve
 from ._solvers.base import AbstractSolver, solve_batch
-from ._threefry import fast_threefry_key, is_partitionable_threefry
+from ._threefry import fast_threefry_key, is_partitionable_threefry, window_key
 
 
 Perturbation = Literal["additive", "multiplicative"]
@@ -298,9 +298,87 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
     return (y_eps, f_eps), (d_y.reshape(y_eps.shape), d_f)
 
 
+def _streams(cfg: _Config, key: PRNGKeyArray, batch: int, size: int) -> bool:
+    """Whether `max` (and so the Fenchel-Young loss) runs in chunks of samples with
+    `chunk_size`, never holding all of them (see `_streamed_sums`): the built-in
+    elementwise noises with a partitionable Threefry key, one device, independent
+    draws."""
+    m = cfg.num_samples // 2 if cfg.antithetic else cfg.num_samples
+    return (
+        cfg.chunk_size is not None
+        and cfg.chunk_size < batch * cfg.num_samples
+        and cfg.mesh is None
+        and not cfg.orthogonal
+        and type(cfg.noise) in (Gumbel, Normal)
+        and _one_draw(cfg.noise, key)
+        and 2 * batch * (2 * m) * size < 2**32
+    )
+
+
+def _streamed_sums(cfg: _Config, theta: Array, sigma: Array, key: PRNGKeyArray):
+    """F_eps (B,) and its derivatives d/dtheta (B, D) and d/dsigma (B,) from a scan
+    over chunks of samples: each step draws its slice of the same noise as the whole
+    draw (`window_key`), solves it and adds to running sums, so memory holds one
+    chunk of about `chunk_size` perturbed instances. The last chunk is padded with
+    samples that are solved and then masked out."""
+    b, event = theta.shape[0], theta.shape[1:]
+    d = math.prod(event)
+    pairs = 2 if cfg.antithetic else 1
+    m = cfg.num_samples // pairs
+    chunk = cfg.chunk_size
+    assert chunk is not None
+    c = max(1, min(m, chunk // (b * pairs)))
+    num_chunks = -(-m // c)
+    multiplicative = cfg.perturbation == "multiplicative"
+
+    def step(sums, j):
+        start = (j * c).astype(jnp.uint32)
+        z = cfg.noise.sample(window_key(key, start, b, m, c, d), (b, c, *event), theta.dtype)
+        keep = (start + jnp.arange(c, dtype=jnp.uint32) < m).astype(theta.dtype)
+        if cfg.antithetic:
+            z, keep = jnp.concatenate([z, -z], axis=1), jnp.concatenate([keep, keep])
+        perturbed = _perturb(cfg, theta, sigma, z)
+        y = solve_batch(cfg.solver, perturbed.reshape(-1, *event)).astype(theta.dtype)
+        y, zf, pf = _flat(y.reshape(b, -1, *event)), _flat(z), _flat(perturbed)
+        y = y * keep[None, :, None]
+        if multiplicative:
+            g_theta = jnp.einsum("bmd,bmd->bd", y, jnp.exp(sigma * zf - sigma**2 / 2))
+            g_sigma = jnp.einsum("bmd,bmd->b", y, pf * (zf - sigma))
+        else:
+            g_theta = jnp.sum(y, axis=1)
+            g_sigma = jnp.einsum("bmd,bmd->b", y, zf)
+        f = jnp.einsum("bmd,bmd->b", pf, y)
+        return jax.tree.map(jnp.add, sums, (f, g_theta, g_sigma)), None
+
+    zeros = (jnp.zeros((b,), theta.dtype), jnp.zeros((b, d), theta.dtype))
+    sums, _ = jax.lax.scan(step, (zeros[0], zeros[1], zeros[0]), jnp.arange(num_chunks))
+    return jax.tree.map(lambda x: x / cfg.num_samples, sums)
+
+
+@eqx.filter_custom_jvp
+def _streamed_max(theta, sigma, key, *, cfg: _Config):
+    """F_eps (B,) by `_streamed_sums`; theta is (B, *event)."""
+    return _streamed_sums(cfg, theta, sigma, key)[0]
+
+
+@_streamed_max.def_jvp
+def _streamed_max_jvp(primals, tangents, *, cfg: _Config):
+    """Pathwise, as in `_kernel_jvp`: the derivatives are running sums too."""
+    theta, sigma, key = primals
+    t_theta, t_sigma, _ = tangents
+    f_eps, g_theta, g_sigma = _streamed_sums(cfg, theta, sigma, key)
+    d_f = jnp.zeros_like(f_eps)
+    if t_theta is not None:
+        d_f = d_f + jnp.einsum("bd,bd->b", g_theta, t_theta.reshape(g_theta.shape))
+    if t_sigma is not None:
+        d_f = d_f + t_sigma * g_sigma
+    return f_eps, d_f
+
+
 # Compiled once per shape and configuration, so that eager calls do not dispatch the
 # kernel op by op; inside a user's `jit` it is inlined.
 _jit_kernel = eqx.filter_jit(_kernel)
+_jit_streamed_max = eqx.filter_jit(_streamed_max)
 
 
 def _stderr(x: Array, cfg: _Config, d: int) -> Array:
@@ -485,7 +563,12 @@ class PerturbedOptimizer(eqx.Module):
       gradient) but usually raises that of the Jacobian (default `False`).
     - `chunk_size`: solve the `batch x num_samples` perturbed instances at most this
       many at a time (bounds the solver's working memory; same result for the same key).
-      With a `mesh`, the chunks are taken on each device.
+      With a `mesh`, the chunks are taken on each device. Without one, `max` and so
+      the Fenchel-Young loss also draw, solve and sum the samples chunk by chunk,
+      holding about `chunk_size` perturbed instances instead of all of them (with
+      `Gumbel` or `Normal` noise, a `jax.random.key` and independent draws; the
+      same noise as unchunked, equal results up to rounding; a last partial chunk
+      is solved in full).
     - `mesh`: a `jax.sharding.Mesh`, or None (default). If given, the `batch x
       num_samples` solver calls are spread over its devices with `jax.shard_map`
       (padded to a multiple of the device count); the result does not depend on the
@@ -690,7 +773,10 @@ class PerturbedOptimizer(eqx.Module):
 
         **Returns:** an array of shape `batch`.
         """
-        return self._run(theta, key, "PerturbedOptimizer.max")[1]
+        flat, sigma, cfg, batch_shape = self._setup(theta, key, "PerturbedOptimizer.max")
+        if _streams(cfg, key, flat.shape[0], math.prod(flat.shape[1:])):
+            return _jit_streamed_max(flat, sigma, key, cfg=cfg).reshape(batch_shape)
+        return _jit_kernel(flat, sigma, key, cfg=cfg)[1].reshape(batch_shape)
 
     def stats(
         self,

@@ -20,6 +20,7 @@ Threefry keys under `jax_threefry_partitionable = False` (whose bits are laid ou
 differently), are returned unchanged.
 """
 
+import functools
 import math
 
 import jax
@@ -82,24 +83,32 @@ def _random_bits(key: Array, bit_width: int, shape: tuple[int, ...]) -> Array:
     Other platforms keep JAX's own code, which is not a loop there."""
     dtype = _UINT.get(bit_width, jnp.uint64)
     jax_bits = lambda k: jax.random.bits(_threefry_key(k), shape, dtype)
-    size = math.prod(shape)
-    if size >= 2**32:  # the counters need their high word
+    if math.prod(shape) >= 2**32:  # the counters need their high word
         return jax_bits(key)
-    fused = lambda k: _fused_bits(k, bit_width, shape)
-    if size <= _WRITE_ONCE_MAX_SIZE:
-        # XLA copies cheap integer code into every kernel that reads its result, and
-        # the normal sampler reads its uniforms in three kernels: three hashes per
-        # entry. A conditional is a kernel boundary, so its result is computed once
-        # and written out. Its predicate always holds (a 32-bit word has at most 32
-        # set bits), which XLA does not know.
-        zeros = lambda k: jnp.zeros(shape, dtype)
-        fused = lambda k, f=fused: lax.cond(lax.population_count(k[0]) <= 32, f, zeros, k)
+    fused = _fused(_flat_index(shape), bit_width)
     return lax.platform_dependent(key, cpu=fused, default=jax_bits)
 
 
-def _fused_bits(key: Array, bit_width: int, shape: tuple[int, ...]) -> Array:
-    index = _flat_index(shape)
-    hi, lo = threefry2x32(key[0], key[1], jnp.zeros_like(index), index)
+def _fused(index: Array, bit_width: int):
+    """key -> the bits of the counters `index` (uint32), fused."""
+
+    def bits(key):
+        hi, lo = threefry2x32(key[0], key[1], jnp.zeros_like(index), index)
+        return _combine(hi, lo, bit_width)
+
+    if index.size > _WRITE_ONCE_MAX_SIZE:
+        return bits
+    # XLA copies cheap integer code into every kernel that reads its result, and the
+    # normal sampler reads its uniforms in three kernels: three hashes per entry. A
+    # conditional is a kernel boundary, so its result is computed once and written
+    # out. Its predicate always holds (a 32-bit word has at most 32 set bits), which
+    # XLA does not know.
+    zeros = lambda key: jnp.zeros(index.shape, _UINT.get(bit_width, jnp.uint64))
+    return lambda key: lax.cond(lax.population_count(key[0]) <= 32, bits, zeros, key)
+
+
+def _combine(hi: Array, lo: Array, bit_width: int) -> Array:
+    """JAX's partitionable layout: the 64 bits, or the xor of the two words."""
     if bit_width == 64:
         return (hi.astype(jnp.uint64) << np.uint64(32)) | lo.astype(jnp.uint64)
     return (hi ^ lo).astype(_UINT[bit_width])
@@ -142,3 +151,66 @@ def fast_threefry_key(key: Array) -> Array:
     if is_partitionable_threefry(key):
         return jax.random.wrap_key_data(jax.random.key_data(key), impl=_FUSED_THREEFRY)
     return key
+
+
+@functools.cache
+def _window_impl(batch: int, total: int, window: int, size: int):
+    """A key implementation for a window of a larger draw.
+
+    A draw of shape `(batch, total, *event)` (`size` entries per event) with a
+    partitionable Threefry key hashes the counter `(i * total + m) * size + j` for
+    entry j of sample m of instance i. A key of this implementation has the data
+    `(k0, k1, start)`; its draws of shape `(batch, window, *event)` hash the counters of
+    samples `start` to `start + window - 1` of the larger draw, so they return exactly
+    that slice of it. (A leading axis, as in `jax.random.gumbel(mode="high")`, counts
+    whole larger draws.) Counters past sample `total` belong to the next instance; the
+    caller masks them. Keys derived by `split` or `fold_in` keep the window.
+    """
+    per = batch * window * size
+
+    def random_bits(key, bit_width, shape):
+        n = math.prod(shape)
+        if n % per or (n // per) * batch * (total + window) * size >= 2**32:
+            raise ValueError(f"no window of {(batch, window, size)} in a draw of {shape}")
+        part = (n // per, batch, window * size)
+        index = lax.broadcasted_iota(jnp.uint32, part, 0) * np.uint32(batch * total * size)
+        index = index + lax.broadcasted_iota(jnp.uint32, part, 1) * np.uint32(total * size)
+        index = index + lax.broadcasted_iota(jnp.uint32, part, 2) + key[2] * np.uint32(size)
+        index = index.reshape(shape)
+
+        def jax_code(k):
+            hi, lo = jex_random.threefry2x32_p.bind(k[0], k[1], jnp.zeros_like(index), index)
+            return _combine(hi, lo, bit_width)
+
+        return lax.platform_dependent(key, cpu=_fused(index, bit_width), default=jax_code)
+
+    def keep_window(fn):
+        def derive(data, *args):
+            keys = jax.random.key_data(fn(_threefry_key(data[:2]), *args))
+            start = jnp.broadcast_to(data[2:], (*keys.shape[:-1], 1))
+            return jnp.concatenate([keys, start], axis=-1)
+
+        return derive
+
+    def seed(_):
+        raise TypeError("window keys are made with `window_key`, not seeded")
+
+    return jex_random.define_prng_impl(
+        key_shape=(3,),
+        seed=seed,
+        split=keep_window(jax.random.split),
+        random_bits=random_bits,
+        fold_in=keep_window(jax.random.fold_in),
+        name=f"threefry2x32_window_{batch}_{total}_{window}_{size}",
+        tag="fry_window",
+    )
+
+
+def window_key(
+    key: Array, start: Array, batch: int, total: int, window: int, size: int
+) -> Array:
+    """A key whose draws of shape `(batch, window, *event)` are samples `start` to
+    `start + window - 1` of the draw `(batch, total, *event)` with `key` (a
+    partitionable Threefry key; see `_window_impl`)."""
+    data = jnp.concatenate([jax.random.key_data(key), jnp.asarray(start, jnp.uint32)[None]])
+    return jax.random.wrap_key_data(data, impl=_window_impl(batch, total, window, size))
