@@ -18,6 +18,10 @@ samplers of `jax.random` called with it (`normal`, `gumbel`, `uniform`, `split`,
 The test suite checks the equality bit for bit. Keys of other implementations, and
 Threefry keys under `jax_threefry_partitionable = False` (whose bits are laid out
 differently), are returned unchanged.
+
+`window_key` makes keys whose draws are a slice of samples of a larger draw (the
+counters offset), so that a streamed computation can draw its noise chunk by chunk
+and still get exactly the numbers of the whole draw.
 """
 
 import functools

@@ -9,7 +9,7 @@ import pytest
 
 import structpert as sp
 from structpert._perturbed import _Config, _draw_noise
-from structpert._threefry import fast_threefry_key, threefry2x32
+from structpert._threefry import fast_threefry_key, threefry2x32, window_key
 
 
 KEYS = [jax.random.key(0), jax.random.key(2**31 + 12345), jax.random.fold_in(jax.random.key(3), 9)]
@@ -126,3 +126,30 @@ def test_layer_compiles_without_a_random_number_loop():
     plain = jax.jit(lambda k: jax.random.gumbel(k, (4, 100, 10))).lower(jax.random.key(0))
     if jax.default_backend() == "cpu":  # the check above is not vacuous
         assert " while(" in str(plain.compile().as_text())
+
+
+@pytest.mark.parametrize("start", [0, 4, 6])
+def test_window_keys_draw_slices_of_the_whole_draw(start):
+    """A window key's draw of (batch, window, *event) is samples start..start+window-1
+    of the whole (batch, total, *event) draw, for the normal and Gumbel samplers
+    (whose high mode draws a leading axis of 2) and keys derived by split; samples
+    past the end belong to the next instance (the caller masks them)."""
+    batch, total, window, event = 3, 10, 4, (2, 2)
+    f32 = jnp.dtype("float32")
+    samplers = [
+        lambda k, s: jax.random.normal(k, s, f32),
+        lambda k, s: jax.random.gumbel(k, s, f32),
+        lambda k, s: jax.random.gumbel(k, s, f32, mode="high"),
+        lambda k, s: jax.random.normal(jax.random.split(k)[1], s, f32),
+    ]
+    for key in KEYS:
+        for draw in samplers:
+            whole = draw(key, (batch, total, *event))
+            shape = (batch, window, *event)
+            part = jax.jit(lambda k, s: draw(window_key(k, s, batch, total, window, 4), shape))(
+                key, start
+            )
+            n = min(window, total - start)
+            np.testing.assert_array_equal(part[:, :n], whole[:, start : start + n])
+            if n < window:  # the next instance's first samples
+                np.testing.assert_array_equal(part[:-1, n:], whole[1:, : window - n])
