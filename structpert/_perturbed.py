@@ -51,7 +51,9 @@ class _Config(eqx.Module):
     orthogonal: bool = eqx.field(default=False, static=True)
 
 
-def _draw_noise(cfg: _Config, key: PRNGKeyArray, batch: int, event_shape, dtype) -> Array:
+def _draw_noise(
+    cfg: _Config, key: PRNGKeyArray, batch: int, event_shape, dtype, window=None
+) -> Array:
     """Noise Z of shape (batch, M, *event); instance i's noise depends only on `key`
     and i, so it is the same whatever the batch size, chunking or device count.
 
@@ -63,14 +65,21 @@ def _draw_noise(cfg: _Config, key: PRNGKeyArray, batch: int, event_shape, dtype)
     `orthogonal`, its M (or M/2 antithetic) samples are orthogonal in blocks.
 
     Threefry keys draw their bits through `fast_threefry_key`: the same numbers as
-    with `key` itself, in one fused kernel instead of JAX's CPU loop.
+    with `key` itself, in one fused kernel instead of JAX's CPU loop. With `window`
+    = (start, count), a one-draw noise gives only samples start..start+count-1 of
+    each instance (`window_key`; see `_streamed_sums`), shape (batch, count, *event),
+    or twice count with antithetic pairs.
     """
     m = cfg.num_samples // 2 if cfg.antithetic else cfg.num_samples
     one_draw = not cfg.orthogonal and _one_draw(cfg.noise, key)
-    key = fast_threefry_key(key)
-    if one_draw:
-        z = cfg.noise.sample(key, (batch, m, *event_shape), dtype)
+    if window is not None:
+        start, count = window
+        key = window_key(key, start, batch, m, count, math.prod(event_shape))
+        z = cfg.noise.sample(key, (batch, count, *event_shape), dtype)
+    elif one_draw:
+        z = cfg.noise.sample(fast_threefry_key(key), (batch, m, *event_shape), dtype)
     else:
+        key = fast_threefry_key(key)
         if cfg.orthogonal:
             draw = lambda k: orthogonal_normal(k, m, event_shape, dtype)
         else:
@@ -241,6 +250,19 @@ def _score_scale(gn: Array) -> Array:
     return jnp.where(k > 0, k, 1)
 
 
+def _max_grad_sums(cfg: _Config, sigma: Array, z: Array, perturbed: Array, y: Array):
+    """Sums over the samples (axis 1) of the pathwise derivatives of <theta~_m, y_m>,
+    which are <y_m, d theta~_m> (envelope theorem): in theta (B, D), in sigma (B,)."""
+    yf, zf = _flat(y), _flat(z)
+    if cfg.perturbation == "multiplicative":
+        d_theta = jnp.exp(sigma * zf - sigma**2 / 2)  # d theta~ / d theta
+        return (
+            jnp.einsum("bmd,bmd->bd", yf, d_theta),
+            jnp.einsum("bmd,bmd->b", yf, _flat(perturbed) * (zf - sigma)),  # d / d sigma
+        )
+    return jnp.sum(yf, axis=1), jnp.einsum("bmd,bmd->b", yf, zf)
+
+
 @eqx.filter_custom_jvp
 def _kernel(theta, sigma, key, *, cfg: _Config):
     """(y_eps (B, *out), F_eps (B,)) from one solver pass; theta is (B, *event)."""
@@ -279,21 +301,16 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
             transposed = jnp.einsum("bmd,bm->bd", gs, jnp.einsum("bmo,bo->bm", c, t))
             jac_t = terms.alpha * jac_t + (1 - terms.alpha) * transposed / (m * sigma)
         d_y = d_y + jac_t
-        if same_shape and multiplicative:
-            factor = _flat(jnp.exp(sigma * z - sigma**2 / 2))  # d theta~ / d theta
-            d_f = d_f + jnp.einsum("bmd,bmd,bd->b", _flat(y), factor, t) / m
-        elif same_shape:
-            d_f = d_f + jnp.einsum("bd,bd->b", y_eps.reshape(b, d), t)
+    if same_shape:
+        g_theta, g_sigma = _max_grad_sums(cfg, sigma, z, perturbed, y)
+        if t_theta is not None:
+            d_f = d_f + jnp.einsum("bd,bd->b", g_theta, t_theta.reshape(b, d)) / m
+        if t_sigma is not None:
+            d_f = d_f + t_sigma * g_sigma / m
     if t_sigma is not None:
-        zf = _flat(z)
-        score = (jnp.einsum("bmd,bmd->bm", gn, zf) - d) / sigma
+        score = (jnp.einsum("bmd,bmd->bm", gn, _flat(z)) - d) / sigma
         if multiplicative:
             score = score - jnp.sum(gn, axis=-1)
-            if same_shape:
-                dtheta = _flat(perturbed) * (zf - sigma)  # d theta~ / d sigma
-                d_f = d_f + t_sigma * jnp.einsum("bmd,bmd->b", _flat(y), dtheta) / m
-        elif same_shape:
-            d_f = d_f + t_sigma * jnp.einsum("bmd,bmd->b", _flat(y), zf) / m
         d_y = d_y + t_sigma * jnp.einsum("bmo,bm->bo", c, score) / m
     return (y_eps, f_eps), (d_y.reshape(y_eps.shape), d_f)
 
@@ -329,26 +346,17 @@ def _streamed_sums(cfg: _Config, theta: Array, sigma: Array, key: PRNGKeyArray):
     assert chunk is not None
     c = max(1, min(m, chunk // (b * pairs)))
     num_chunks = -(-m // c)
-    multiplicative = cfg.perturbation == "multiplicative"
 
     def step(sums, j):
         start = (j * c).astype(jnp.uint32)
-        z = cfg.noise.sample(window_key(key, start, b, m, c, d), (b, c, *event), theta.dtype)
+        z = _draw_noise(cfg, key, b, event, theta.dtype, window=(start, c))
         keep = (start + jnp.arange(c, dtype=jnp.uint32) < m).astype(theta.dtype)
-        if cfg.antithetic:
-            z, keep = jnp.concatenate([z, -z], axis=1), jnp.concatenate([keep, keep])
+        keep = jnp.tile(keep, pairs).reshape(1, -1, *([1] * len(event)))  # padding out
         perturbed = _perturb(cfg, theta, sigma, z)
         y = solve_batch(cfg.solver, perturbed.reshape(-1, *event)).astype(theta.dtype)
-        y, zf, pf = _flat(y.reshape(b, -1, *event)), _flat(z), _flat(perturbed)
-        y = y * keep[None, :, None]
-        if multiplicative:
-            g_theta = jnp.einsum("bmd,bmd->bd", y, jnp.exp(sigma * zf - sigma**2 / 2))
-            g_sigma = jnp.einsum("bmd,bmd->b", y, pf * (zf - sigma))
-        else:
-            g_theta = jnp.sum(y, axis=1)
-            g_sigma = jnp.einsum("bmd,bmd->b", y, zf)
-        f = jnp.einsum("bmd,bmd->b", pf, y)
-        return jax.tree.map(jnp.add, sums, (f, g_theta, g_sigma)), None
+        y = y.reshape(b, -1, *event) * keep
+        f = jnp.einsum("bmd,bmd->b", _flat(perturbed), _flat(y))
+        return jax.tree.map(jnp.add, sums, (f, *_max_grad_sums(cfg, sigma, z, perturbed, y))), None
 
     zeros = (jnp.zeros((b,), theta.dtype), jnp.zeros((b, d), theta.dtype))
     sums, _ = jax.lax.scan(step, (zeros[0], zeros[1], zeros[0]), jnp.arange(num_chunks))
