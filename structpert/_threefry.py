@@ -38,7 +38,7 @@ from jaxtyping import Array, PRNGKeyArray, UInt32
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)
 _UINT = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
-# Up to this many entries the bits are written out once (see `_random_bits`). Above it,
+# Up to this many entries the bits are written out once (see `_fused`). Above it,
 # recomputing them where they are read was faster on a 2-core CPU: a batch of 16 or 32
 # top-10 instances of 1000 x 100 samples, against 1 to 8 where writing them out was
 # 15-28% faster per step.
@@ -190,7 +190,7 @@ def _window_impl(batch: int, total: int, window: int, size: int):
 
     def keep_window(fn):
         def derive(data, *args):
-            keys = jax.random.key_data(fn(_threefry_key(data[:2]), *args))
+            keys = _via_threefry(fn)(data[:2], *args)
             start = jnp.broadcast_to(data[2:], (*keys.shape[:-1], 1))
             return jnp.concatenate([keys, start], axis=-1)
 
