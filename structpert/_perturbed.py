@@ -351,15 +351,16 @@ def _streamed_sums(cfg: _Config, theta: Array, sigma: Array, key: PRNGKeyArray):
         start = (j * c).astype(jnp.uint32)
         z = _draw_noise(cfg, key, b, event, theta.dtype, window=(start, c))
         keep = (start + jnp.arange(c, dtype=jnp.uint32) < m).astype(theta.dtype)
-        keep = jnp.tile(keep, pairs).reshape(1, -1, *([1] * len(event)))  # padding out
+        keep = jnp.tile(keep, pairs).reshape(1, -1, *([1] * len(event)))  # masks padding
         perturbed = _perturb(cfg, theta, sigma, z)
         y = solve_batch(cfg.solver, perturbed.reshape(-1, *event)).astype(theta.dtype)
         y = y.reshape(b, -1, *event) * keep
         f = jnp.einsum("bmd,bmd->b", _flat(perturbed), _flat(y))
         return jax.tree.map(jnp.add, sums, (f, *_max_grad_sums(cfg, sigma, z, perturbed, y))), None
 
-    zeros = (jnp.zeros((b,), theta.dtype), jnp.zeros((b, d), theta.dtype))
-    sums, _ = jax.lax.scan(step, (zeros[0], zeros[1], zeros[0]), jnp.arange(num_chunks))
+    per_instance = jnp.zeros((b,), theta.dtype)
+    init = (per_instance, jnp.zeros((b, d), theta.dtype), per_instance)
+    sums, _ = jax.lax.scan(step, init, jnp.arange(num_chunks))
     return jax.tree.map(lambda x: x / cfg.num_samples, sums)
 
 
