@@ -5,6 +5,7 @@ Statistical tests use fixed keys and tolerances of 5 standard errors (helpers.mc
 the standard errors estimated from the same independent repetitions.
 """
 
+from functools import partial
 from typing import Any
 
 import equinox as eqx
@@ -252,7 +253,8 @@ def test_streamed_fenchel_young_bounds_memory():
         return stats.temp_size_in_bytes
 
     chunk_array = 400 * d * 4
-    assert temp_bytes(400) < 8 * chunk_array < 0.25 * temp_bytes(None)
+    # (on an H100 GPU: 3.2 MB against 20 MB, XLA fusing more of the unchunked step)
+    assert temp_bytes(400) < min(8 * chunk_array, 0.25 * temp_bytes(None))
 
 
 def test_symmetrisation_only_where_the_jacobian_is_symmetric():
@@ -429,10 +431,12 @@ def test_orthogonal_noise_of_instance_i_depends_only_on_key_and_i():
     f32 = jnp.dtype("float32")
     z9 = _draw_noise(cfg, jax.random.key(3), 9, (4,), f32)
     z2 = _draw_noise(cfg, jax.random.key(3), 2, (4,), f32)
-    np.testing.assert_array_equal(z9[:2], z2)
+    # the same numbers; on a GPU the orthonormalisation is matrix products, whose
+    # rounding can depend on how many instances are batched together (1 ulp seen)
+    same = partial(np.testing.assert_allclose, rtol=0, atol=1e-6)
+    same(z9[:2], z2)
     np.testing.assert_array_equal(z9[:, 4:], -z9[:, :4])
-    expected = orthogonal_normal(jax.random.fold_in(jax.random.key(3), 5), 4, (4,), f32)
-    np.testing.assert_array_equal(z9[5, :4], expected)
+    same(z9[5, :4], orthogonal_normal(jax.random.fold_in(jax.random.key(3), 5), 4, (4,), f32))
 
 
 def test_orthogonal_lowers_the_variance_and_is_unbiased():
