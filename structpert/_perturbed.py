@@ -316,10 +316,9 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
 
 
 def _streams(cfg: _Config, key: PRNGKeyArray, batch: int, size: int) -> bool:
-    """Whether `max` (and so the Fenchel-Young loss) runs in chunks of samples with
-    `chunk_size`, never holding all of them (see `_streamed_sums`): the built-in
-    elementwise noises with a partitionable Threefry key, one device, independent
-    draws."""
+    """Whether the layer and `max` run in chunks of samples with `chunk_size` (see
+    `_streamed_sums`): the built-in elementwise noises with a partitionable Threefry
+    key, one device, independent draws."""
     m = cfg.num_samples // 2 if cfg.antithetic else cfg.num_samples
     return (
         cfg.chunk_size is not None
@@ -332,62 +331,172 @@ def _streams(cfg: _Config, key: PRNGKeyArray, batch: int, size: int) -> bool:
     )
 
 
-def _streamed_sums(cfg: _Config, theta: Array, sigma: Array, key: PRNGKeyArray):
-    """F_eps (B,) and its derivatives d/dtheta (B, D) and d/dsigma (B,) from a scan
-    over chunks of samples: each step draws its slice of the same noise as the whole
-    draw (`window_key`), solves it and adds to running sums, so memory holds one
-    chunk of about `chunk_size` perturbed instances. The last chunk is padded with
-    samples that are solved and then masked out."""
-    b, event = theta.shape[0], theta.shape[1:]
-    d = math.prod(event)
+def _chunking(cfg: _Config, batch: int) -> tuple[int, int, int]:
+    """(pairs, c, num_chunks): chunk j holds samples j*c .. j*c+c-1 of each instance
+    (and their antithetic partners: pairs = 2), about `chunk_size` solves in all."""
     pairs = 2 if cfg.antithetic else 1
     m = cfg.num_samples // pairs
-    chunk = cfg.chunk_size
-    assert chunk is not None
-    c = max(1, min(m, chunk // (b * pairs)))
-    num_chunks = -(-m // c)
+    assert cfg.chunk_size is not None
+    c = max(1, min(m, cfg.chunk_size // (batch * pairs)))
+    return pairs, c, -(-m // c)
+
+
+def _chunk_noise(cfg: _Config, theta: Array, key: PRNGKeyArray, j: Array, c: int):
+    """Chunk j's slice of the noise of the whole draw (B, pairs*c, *event), and the
+    mask (1, pairs*c, 1...) that zeroes the padding of a last, partial chunk."""
+    b, event = theta.shape[0], theta.shape[1:]
+    z = _draw_noise(cfg, key, b, event, theta.dtype, window=((j * c).astype(jnp.uint32), c))
+    return z, _chunk_keep(cfg, j, c, theta.dtype).reshape(1, -1, *([1] * len(event)))
+
+
+def _chunk_keep(cfg: _Config, j: Array, c: int, dtype) -> Array:
+    """1 for chunk j's samples, 0 for its padding (pairs*c,)."""
+    pairs = 2 if cfg.antithetic else 1
+    keep = j * c + jnp.arange(c) < cfg.num_samples // pairs
+    return jnp.tile(keep.astype(dtype), pairs)
+
+
+def _streamed_sums(cfg: _Config, theta: Array, sigma: Array, key: PRNGKeyArray, keep_y=False):
+    """Means over the samples of <theta~_m, y_m> (B,), of its derivatives in theta
+    (B, D) and in sigma (B,), and of y_m (B, *event), from a scan over chunks: each
+    step draws its slice of the same noise as the whole draw (`window_key`), solves
+    it and adds to running sums, so memory holds one chunk of about `chunk_size`
+    perturbed instances. The last chunk is padded with samples that are solved and
+    then masked out. With `keep_y`, also the solutions, chunk by chunk
+    (num_chunks, B, pairs*c, *event), padding zeroed."""
+    b, event = theta.shape[0], theta.shape[1:]
+    _, c, num_chunks = _chunking(cfg, b)
 
     def step(sums, j):
-        start = (j * c).astype(jnp.uint32)
-        z = _draw_noise(cfg, key, b, event, theta.dtype, window=(start, c))
-        keep = (start + jnp.arange(c, dtype=jnp.uint32) < m).astype(theta.dtype)
-        keep = jnp.tile(keep, pairs).reshape(1, -1, *([1] * len(event)))  # masks padding
+        z, keep = _chunk_noise(cfg, theta, key, j, c)
         perturbed = _perturb(cfg, theta, sigma, z)
         y = solve_batch(cfg.solver, perturbed.reshape(-1, *event)).astype(theta.dtype)
         y = y.reshape(b, -1, *event) * keep
         f = jnp.einsum("bmd,bmd->b", _flat(perturbed), _flat(y))
-        return jax.tree.map(jnp.add, sums, (f, *_max_grad_sums(cfg, sigma, z, perturbed, y))), None
+        new = (f, *_max_grad_sums(cfg, sigma, z, perturbed, y), jnp.sum(y, axis=1))
+        return jax.tree.map(jnp.add, sums, new), (y if keep_y else None)
 
     per_instance = jnp.zeros((b,), theta.dtype)
-    init = (per_instance, jnp.zeros((b, d), theta.dtype), per_instance)
-    sums, _ = jax.lax.scan(step, init, jnp.arange(num_chunks))
-    return jax.tree.map(lambda x: x / cfg.num_samples, sums)
+    init = (per_instance, jnp.zeros((b, math.prod(event)), theta.dtype), per_instance,
+            jnp.zeros_like(theta))
+    sums, ys = jax.lax.scan(step, init, jnp.arange(num_chunks))
+    return jax.tree.map(lambda x: x / cfg.num_samples, sums), ys
 
 
 @eqx.filter_custom_jvp
 def _streamed_max(theta, sigma, key, *, cfg: _Config):
     """F_eps (B,) by `_streamed_sums`; theta is (B, *event)."""
-    return _streamed_sums(cfg, theta, sigma, key)[0]
+    return _streamed_sums(cfg, theta, sigma, key)[0][0]
 
 
 @_streamed_max.def_jvp
 def _streamed_max_jvp(primals, tangents, *, cfg: _Config):
     """Pathwise, as in `_kernel_jvp`: the derivatives are running sums too."""
     theta, sigma, key = primals
-    t_theta, t_sigma, _ = tangents
-    f_eps, g_theta, g_sigma = _streamed_sums(cfg, theta, sigma, key)
-    d_f = jnp.zeros_like(f_eps)
+    (f_eps, g_theta, g_sigma, _), _ = _streamed_sums(cfg, theta, sigma, key)
+    return f_eps, _max_tangent(g_theta, g_sigma, *tangents[:2])
+
+
+def _max_tangent(g_theta: Array, g_sigma: Array, t_theta, t_sigma) -> Array:
+    """d F_eps from its mean derivatives (B, D) and (B,); None tangents are zero."""
+    d_f = jnp.zeros_like(g_sigma)
     if t_theta is not None:
         d_f = d_f + jnp.einsum("bd,bd->b", g_theta, t_theta.reshape(g_theta.shape))
     if t_sigma is not None:
         d_f = d_f + t_sigma * g_sigma
-    return f_eps, d_f
+    return d_f
+
+
+@eqx.filter_custom_jvp
+def _streamed_kernel(theta, sigma, key, *, cfg: _Config):
+    """(y_eps (B, *event), F_eps (B,)) as `_kernel`, by `_streamed_sums`."""
+    (f_eps, _, _, y_eps), _ = _streamed_sums(cfg, theta, sigma, key)
+    return y_eps, f_eps
+
+
+@_streamed_kernel.def_jvp
+def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
+    """The estimators of `_kernel_jvp`, written as sums over the chunks.
+
+    The solutions are kept (one array of all samples: the Jacobian estimator's
+    residual under reverse mode); the noise and its scores are drawn again chunk by
+    chunk in the tangent pass (`jax.checkpoint`: also in the backward pass), so
+    nothing else of size M is held, and the solver still runs once per sample.
+    """
+    theta, sigma, key = primals
+    t_theta, t_sigma, _ = tangents
+    (f_eps, g_theta, g_sigma, y_eps), ys = _streamed_sums(cfg, theta, sigma, key, keep_y=True)
+    assert ys is not None
+    d_f = _max_tangent(g_theta, g_sigma, t_theta, t_sigma)
+    b, event = theta.shape[0], theta.shape[1:]
+    d, m = math.prod(event), cfg.num_samples
+    pairs, c, _ = _chunking(cfg, b)
+    multiplicative = cfg.perturbation == "multiplicative"
+    ys = ys.reshape(ys.shape[0], b, pairs * c, d)
+    y_sum = y_eps.reshape(b, d) * m
+    # The control variate b_m of `_jacobian_terms`, from the sum of all solutions.
+    if cfg.control_variate == "none" or m == 1 or (cfg.antithetic and m < 4):
+        centre = lambda y: y
+    elif cfg.antithetic:
+        def centre(y):
+            pair = (y[:, :c] + y[:, c:]) / 2
+            loo = (y_sum[:, None] / 2 - pair) / (m // 2 - 1)
+            return y - jnp.concatenate([loo, loo], axis=1)
+    elif cfg.control_variate == "unperturbed":
+        y_plain = _flat(solve_batch(cfg.solver, theta)[:, None].astype(theta.dtype))
+        centre = lambda y: y - y_plain
+    else:
+        centre = lambda y: (y - y_sum[:, None] / m) * (m / (m - 1))
+    alpha = None
+    if cfg.symmetric_jacobian and not multiplicative:  # see `_jacobian_terms`
+        keep = jax.vmap(lambda j: _chunk_keep(cfg, j, c, theta.dtype))(jnp.arange(ys.shape[0]))
+        dev2 = keep[:, None, :, None] * (ys - y_sum[None, :, None] / m) ** 2
+        s2 = jnp.sum(dev2, axis=(0, 2)) / m  # (a fused reduction, not a product)
+        total = jnp.sum(s2, axis=-1, keepdims=True)
+        den = total + d * s2
+        alpha = jnp.where(den > 0, total / jnp.where(den > 0, den, 1), 1)
+    t = u = None
+    if t_theta is not None:
+        t = t_theta.reshape(b, d)
+        u = t / theta.reshape(b, d) if multiplicative else t
+
+    @jax.checkpoint
+    def step(sums, x):
+        j, y = x
+        z, keep = _chunk_noise(cfg, theta, key, j, c)
+        cm = centre(y) * keep.reshape(1, -1, 1)
+        gn = _flat(cfg.noise.grad_nu(z))
+        plain, transposed, by_sigma = sums
+        if t is not None and u is not None:
+            plain = plain + jnp.einsum("bmo,bm->bo", cm, jnp.einsum("bmd,bd->bm", gn, u))
+            if alpha is not None:
+                transposed = transposed + jnp.einsum(
+                    "bmd,bm->bd", gn, jnp.einsum("bmo,bo->bm", cm, t)
+                )
+        if t_sigma is not None:
+            score = jnp.einsum("bmd,bmd->bm", gn, _flat(z)) - d  # (times sigma)
+            if multiplicative:
+                score = score - sigma * jnp.sum(gn, axis=-1)
+            by_sigma = by_sigma + jnp.einsum("bmo,bm->bo", cm, score)
+        return (plain, transposed, by_sigma), None
+
+    zeros = jnp.zeros((b, d), theta.dtype)
+    (plain, transposed, by_sigma), _ = jax.lax.scan(
+        step, (zeros, zeros, zeros), (jnp.arange(ys.shape[0]), ys)
+    )
+    d_y = plain / (m * sigma)
+    if alpha is not None:
+        d_y = alpha * d_y + (1 - alpha) * transposed / (m * sigma)
+    if t_sigma is not None:
+        d_y = d_y + t_sigma * by_sigma / (m * sigma)
+    return (y_eps, f_eps), (d_y.reshape(y_eps.shape), d_f)
 
 
 # Compiled once per shape and configuration, so that eager calls do not dispatch the
 # kernel op by op; inside a user's `jit` it is inlined.
 _jit_kernel = eqx.filter_jit(_kernel)
 _jit_streamed_max = eqx.filter_jit(_streamed_max)
+_jit_streamed_kernel = eqx.filter_jit(_streamed_kernel)
 
 
 def _stderr(x: Array, cfg: _Config, d: int) -> Array:
@@ -750,7 +859,12 @@ class PerturbedOptimizer(eqx.Module):
 
     def _run(self, theta, key, who: str):
         flat, sigma, cfg, batch_shape = self._setup(theta, key, who)
-        y_eps, f_eps = _jit_kernel(flat, sigma, key, cfg=cfg)
+        kernel = _jit_kernel
+        if cfg.control_variate != "regression" and _streams(
+            cfg, key, flat.shape[0], math.prod(flat.shape[1:])
+        ):
+            kernel = _jit_streamed_kernel
+        y_eps, f_eps = kernel(flat, sigma, key, cfg=cfg)
         return y_eps.reshape(theta.shape), f_eps.reshape(batch_shape)
 
     def __call__(

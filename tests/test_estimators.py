@@ -5,6 +5,7 @@ Statistical tests use fixed keys and tolerances of 5 standard errors (helpers.mc
 the standard errors estimated from the same independent repetitions.
 """
 
+import re
 from functools import partial
 from typing import Any
 
@@ -207,54 +208,90 @@ def test_chunked_equals_unchunked():
         {"noise": sp.Gumbel()},
         {"noise": sp.Normal(), "antithetic": True},
         {"noise": sp.Normal(), "perturbation": "multiplicative"},
+        {"noise": sp.Gumbel(), "control_variate": "unperturbed"},
+        {"noise": sp.Normal(), "control_variate": "none", "symmetric_jacobian": False},
     ],
 )
 @pytest.mark.parametrize("chunk", [7, 45])
-def test_streamed_fenchel_young_equals_unchunked(kwargs, chunk):
-    """With `chunk_size`, the Fenchel-Young loss draws, solves and sums the samples
-    chunk by chunk (a scan): chunks of 2 samples x 3 instances, the last one padded,
-    or of 15 samples. Its value and its gradients in theta and sigma equal the
-    unchunked ones to rounding: the chunks draw exactly the same noise."""
+def test_streamed_equals_unchunked(kwargs, chunk):
+    """With `chunk_size`, the layer and the Fenchel-Young loss draw, solve and sum the
+    samples chunk by chunk (a scan): chunks of 2 samples x 3 instances, the last one
+    padded, or of 15 samples. Their values, gradients in theta and sigma, and the
+    layer's forward-mode derivative equal the unchunked ones to rounding: the chunks
+    draw exactly the same noise."""
     theta = jax.random.normal(jax.random.key(0), (3, 7)) + 2.0  # > 0: multiplicative
     y = jnp.eye(3, 7)
     key = jax.random.key(5)
+    tangent = jax.random.normal(jax.random.key(1), (3, 7))
 
-    def fy(chunk_size):
+    def run(chunk_size):
         opt = lambda s: sp.PerturbedOptimizer(
             sp.Permutahedron(), sigma=s, num_samples=30, chunk_size=chunk_size, **kwargs
         )
-        loss = lambda t, s: sp.FenchelYoungLoss(opt(s))(t, y, key=key).sum()
-        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-        return step, step(theta, 0.4)
+        fy = lambda t, s: sp.FenchelYoungLoss(opt(s))(t, y, key=key).sum()
+        sq = lambda t, s: jnp.sum((opt(s)(t, key=key) - y) ** 2)
+        both = jax.jit(
+            lambda t, s: (
+                jax.value_and_grad(fy, argnums=(0, 1))(t, s),
+                jax.value_and_grad(sq, argnums=(0, 1))(t, s),
+                jax.jvp(lambda u: opt(s)(u, key=key), (t,), (tangent,)),
+            )
+        )
+        return both, both(theta, 0.4)
 
-    step, streamed = fy(chunk)
-    assert "scan" in str(jax.make_jaxpr(step)(theta, 0.4))
-    _, full = fy(None)
-    for u, w in zip(jax.tree.leaves(streamed), jax.tree.leaves(full)):
+    def all_samples_held(chunk_size):  # does the layer's forward hold all 3 x 30 samples?
+        opt = sp.PerturbedOptimizer(
+            sp.Permutahedron(), sigma=0.4, num_samples=30, chunk_size=chunk_size, **kwargs
+        )
+        jaxpr = str(jax.make_jaxpr(lambda t: opt(t, key=key))(theta))
+        return re.search(r"\[(3,30|90|3,60|180),7\]", jaxpr) is not None
+
+    assert all_samples_held(None) and not all_samples_held(chunk)
+    _, streamed = run(chunk)
+    _, full = run(None)
+    for u, w in zip(jax.tree.leaves(streamed), jax.tree.leaves(full), strict=True):
         np.testing.assert_allclose(u, w, rtol=1e-12, atol=1e-12)
 
 
-def test_streamed_fenchel_young_bounds_memory():
-    """XLA's own accounting of the compiled gradient step: with `chunk_size` = 400
-    the temporary memory is a few chunk-sized arrays (0.8 MB each here), not a few
-    arrays of all batch x num_samples instances (16 MB each). Measured: 4.0 MB
-    against 48 MB."""
+def _temp_bytes(fn, *args) -> int:
+    """XLA's temporary memory for the compiled `fn(*args)`."""
+    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+    if stats is None:  # pragma: no cover - a backend without memory accounting
+        pytest.skip("no memory analysis on this backend")
+    return stats.temp_size_in_bytes
+
+
+def test_streamed_steps_bound_memory():
+    """XLA's own accounting of the compiled steps, with `chunk_size` = 400 (a chunk-
+    sized array is 0.8 MB here, an array of all batch x num_samples instances 16 MB).
+    Measured on this CPU, unchunked / chunked: the Fenchel-Young gradient step 48 /
+    4.0 MB, the layer alone 16 / 2.4 MB, a gradient step of a loss on y_eps 48 / 19.2
+    MB (its residual: the solutions of all samples)."""
     b, m, d = 4, 2000, 500
     theta = jnp.ones((b, d), jnp.float32)
     y = jnp.zeros((b, d), jnp.float32)
+    key = jax.random.key(0)
+    opt = lambda chunk_size: sp.PerturbedOptimizer(
+        sp.Simplex(), sp.Normal(), 0.5, m, chunk_size=chunk_size
+    )
 
-    def temp_bytes(chunk_size):
-        opt = sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), 0.5, m, chunk_size=chunk_size)
-        loss = lambda t, k: sp.FenchelYoungLoss(opt)(t, y, key=k).sum()
-        step = jax.jit(jax.value_and_grad(loss)).lower(theta, jax.random.key(0)).compile()
-        stats = step.memory_analysis()
-        if stats is None:  # pragma: no cover - a backend without memory accounting
-            pytest.skip("no memory analysis on this backend")
-        return stats.temp_size_in_bytes
+    def fy(chunk_size):
+        loss = lambda t, k: sp.FenchelYoungLoss(opt(chunk_size))(t, y, key=k).sum()
+        return _temp_bytes(jax.value_and_grad(loss), theta, key)
 
-    chunk_array = 400 * d * 4
-    # (on an H100 GPU: 3.2 MB against 20 MB, XLA fusing more of the unchunked step)
-    assert temp_bytes(400) < min(8 * chunk_array, 0.25 * temp_bytes(None))
+    def layer(chunk_size):
+        return _temp_bytes(lambda t, k: opt(chunk_size)(t, key=k), theta, key)
+
+    def sq(chunk_size):
+        loss = lambda t, k: jnp.sum((opt(chunk_size)(t, key=k) - y) ** 2)
+        return _temp_bytes(jax.value_and_grad(loss), theta, key)
+
+    chunk_array, full_array = 400 * d * 4, b * m * d * 4
+    # (on an H100 GPU the FY step took 3.2 MB against 20 MB, XLA fusing more of the
+    # unchunked step)
+    assert fy(400) < min(8 * chunk_array, 0.25 * fy(None))
+    assert layer(400) < min(8 * chunk_array, 0.25 * layer(None))
+    assert sq(400) < min(full_array + 8 * chunk_array, 0.5 * sq(None))
 
 
 def test_symmetrisation_only_where_the_jacobian_is_symmetric():
