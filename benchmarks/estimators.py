@@ -24,8 +24,9 @@ Three parts, all peers measured side by side in one run, in float32 as users run
    ranks), with jaxopt, with `structpert.perturbations` as a drop-in (same `ranking`
    function, a double argsort) and with `sp.Permutahedron` (one sort); also at
    n = 100, M = 1000.
-4. **Memory** (structpert only) of the Fenchel-Young gradient step with and without
-   `chunk_size` (streamed sums), from XLA's accounting of the compiled step.
+4. **Memory** (structpert only) of the layer, of a gradient step of a loss on y_eps
+   and of the Fenchel-Young gradient step, with and without `chunk_size` (streamed
+   sums), from XLA's accounting of the compiled steps.
 
 Timings are the minimum over repeats (the machine is shared with other jobs).
 
@@ -553,28 +554,42 @@ def pipeline(n=6, m=100, sigma=0.2, steps=20, repeats=5):
 
 
 # ---------------------------------------------------------------------------
-# Part 5: memory of the Fenchel-Young gradient step with chunk_size (structpert only)
+# Part 5: memory of the compiled steps with chunk_size (structpert only)
 
 
 def memory(b=4, m=2000, d=500, chunk=400, repeats=5):
-    """XLA's temporary memory and the time of the compiled FY value_and_grad, with all
-    b x m perturbed instances at once and with chunk_size (streamed sums)."""
+    """XLA's temporary memory and the time of three compiled steps (the layer alone,
+    value_and_grad of a squared loss on y_eps, value_and_grad of the FY loss), with
+    all b x m perturbed instances at once and with chunk_size (streamed)."""
     theta = jax.random.normal(jax.random.key(1), (b, d), F32)
     y = jnp.zeros((b, d), F32)
+    key = jax.random.key(0)
+    steps = {
+        "layer": lambda opt: lambda t, k: opt(t, key=k),
+        "loss on y_eps, grad": lambda opt: jax.value_and_grad(
+            lambda t, k: jnp.sum((opt(t, key=k) - y) ** 2)
+        ),
+        "FY loss, grad": lambda opt: jax.value_and_grad(
+            lambda t, k: sp.FenchelYoungLoss(opt)(t, y, key=k).sum()
+        ),
+    }
     rows = []
     for name, solver in (("simplex", sp.Simplex()), ("ranking", sp.Permutahedron())):
-        for chunk_size in (None, chunk):
-            opt = sp.PerturbedOptimizer(solver, sp.Normal(), 0.5, m, chunk_size=chunk_size)
-            loss = lambda t, k, opt=opt: sp.FenchelYoungLoss(opt)(t, y, key=k).sum()
-            step = jax.jit(jax.value_and_grad(loss)).lower(theta, jax.random.key(0)).compile()
-            stats = step.memory_analysis()
-            temp = stats.temp_size_in_bytes / 1e6 if stats is not None else float("nan")
-            t = best_time(lambda step=step: step(theta, jax.random.key(0)), repeats)
-            rows.append((name, chunk_size, temp, t))
-    print(f"\nFenchel-Young value_and_grad, batch {b}, M={m}, d={d}, Normal noise, float32")
-    print(f"(one array of all instances: {b * m * d * 4 / 1e6:.1f} MB)")
-    for name, chunk_size, temp, t in rows:
-        print(f"  {name:8s} chunk_size={str(chunk_size):5s} temp {temp:7.1f} MB  {t * 1e3:8.1f} ms")
+        for what, make in steps.items():
+            for chunk_size in (None, chunk):
+                opt = sp.PerturbedOptimizer(solver, sp.Normal(), 0.5, m, chunk_size=chunk_size)
+                step = jax.jit(make(opt)).lower(theta, key).compile()
+                stats = step.memory_analysis()
+                temp = stats.temp_size_in_bytes / 1e6 if stats is not None else float("nan")
+                t = best_time(lambda step=step: step(theta, key), repeats)
+                rows.append((name, what, chunk_size, temp, t))
+    print(f"\nMemory with chunk_size, batch {b}, M={m}, d={d}, Normal noise, float32")
+    print(f"(one array of all instances: {b * m * d * 4 / 1e6:.1f} MB; XLA's temporary memory)")
+    for name, what, chunk_size, temp, t in rows:
+        print(
+            f"  {name:8s} {what:20s} chunk_size={str(chunk_size):5s} temp {temp:7.1f} MB"
+            f"  {t * 1e3:8.1f} ms"
+        )
     return rows
 
 

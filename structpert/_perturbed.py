@@ -212,16 +212,21 @@ def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> 
         # variance ~ d s_i^2) and its transpose (row i: variance ~ sum_j s_j^2)
         # are both unbiased; weight them by inverse variance per output coordinate,
         # with s_i^2 the sample variance of y_i.
-        s2 = jnp.var(yf, axis=1)
-        total = jnp.sum(s2, axis=-1, keepdims=True)
-        den = total + s2.shape[-1] * s2
-        alpha = jnp.where(den > 0, total / jnp.where(den > 0, den, 1), 1)
+        alpha = _symmetry_weights(jnp.var(yf, axis=1))
     gn = _flat(cfg.noise.grad_nu(z))
     scores = gn
     if cfg.control_variate == "regression" and m > 1:
         n_eff = m // 2 if cfg.antithetic else m
         scores = jnp.einsum("bij,bmj->bmi", _whitening(gn, n_eff), gn)
     return _Terms(centred, gn, scores, alpha)
+
+
+def _symmetry_weights(s2: Array) -> Array:
+    """alpha (B, D) from the sample variances s2 (B, D) of the solutions' coordinates:
+    S / (S + D s2_i), with S = sum_i s2_i (1 where both vanish)."""
+    total = jnp.sum(s2, axis=-1, keepdims=True)
+    den = total + s2.shape[-1] * s2
+    return jnp.where(den > 0, total / jnp.where(den > 0, den, 1), 1)
 
 
 def _whitening(gn: Array, n_eff: int) -> Array:
@@ -236,12 +241,17 @@ def _whitening(gn: Array, n_eff: int) -> Array:
     s = d / (d + 4 n_eff) (n_eff independent draws) shrinking toward the plain
     estimator when the samples are few for the dimension.
     """
-    d = gn.shape[-1]
     gc = gn - jnp.mean(gn, axis=1, keepdims=True)
-    cov = jnp.einsum("bmi,bmj->bij", gc, gc) / gn.shape[1]
-    k = _score_scale(gn)
+    return _whitening_of(jnp.einsum("bmi,bmj->bij", gc, gc) / gn.shape[1], n_eff)
+
+
+def _whitening_of(cov: Array, n_eff: int) -> Array:
+    """W^-1 of `_whitening` from the sample covariance G (B, D, D) of the scores."""
+    d = cov.shape[-1]
+    k = jnp.trace(cov, axis1=1, axis2=2)[:, None, None] / d
+    k = jnp.where(k > 0, k, 1)
     s = d / (d + 4 * n_eff)
-    return jnp.linalg.inv((1 - s) * cov / k + s * jnp.eye(d, dtype=gn.dtype)[None])
+    return jnp.linalg.inv((1 - s) * cov / k + s * jnp.eye(d, dtype=cov.dtype)[None])
 
 
 def _score_scale(gn: Array) -> Array:
@@ -261,6 +271,35 @@ def _max_grad_sums(cfg: _Config, sigma: Array, z: Array, perturbed: Array, y: Ar
             jnp.einsum("bmd,bmd->b", yf, _flat(perturbed) * (zf - sigma)),  # d / d sigma
         )
     return jnp.sum(yf, axis=1), jnp.einsum("bmd,bmd->b", yf, zf)
+
+
+def _jacobian_sums(cfg: _Config, sigma, z, c, gn, gs, u, t, t_sigma, transposed: bool):
+    """Sums over the samples (axis 1) of the Jacobian estimator's terms along the
+    tangents (see `_Terms`), each (B, D), zero where a tangent is None: the plain
+    estimator sum_m c_m <g_m, u> and its transpose sum_m g_m <c_m, t> (u = t, or t /
+    theta for the multiplicative perturbation), and the sigma-derivative's
+    sum_m c_m score_m * t_sigma; all still to be divided by M sigma."""
+    zeros = jnp.zeros((c.shape[0], c.shape[-1]), c.dtype)
+    plain = trans = by_sigma = zeros
+    if t is not None:
+        plain = jnp.einsum("bmo,bm->bo", c, jnp.einsum("bmd,bd->bm", gs, u))
+        if transposed:
+            trans = jnp.einsum("bmd,bm->bd", gs, jnp.einsum("bmo,bo->bm", c, t))
+    if t_sigma is not None:
+        # d log density(theta~_m) / d sigma, times sigma
+        score = jnp.einsum("bmd,bmd->bm", gn, _flat(z)) - gn.shape[-1]
+        if cfg.perturbation == "multiplicative":
+            score = score - sigma * jnp.sum(gn, axis=-1)
+        by_sigma = t_sigma * jnp.einsum("bmo,bm->bo", c, score)
+    return plain, trans, by_sigma
+
+
+def _jacobian_tangent(sums, alpha) -> Array:
+    """d y_eps (times M sigma) from the sums of `_jacobian_sums`."""
+    plain, trans, by_sigma = sums
+    if alpha is not None:
+        plain = alpha * plain + (1 - alpha) * trans
+    return plain + by_sigma
 
 
 @eqx.filter_custom_jvp
@@ -289,29 +328,16 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
     same_shape = y.shape[2:] == theta.shape[1:]
     terms = _jacobian_terms(cfg, theta, z, y, y_plain)
     c, gn, gs = terms.centred, terms.grad_nu, terms.scores
-    d_y = jnp.zeros((b, c.shape[-1]), theta.dtype)
-    d_f = jnp.zeros((b,), theta.dtype)
+    t = u = None
     if t_theta is not None:
         t = t_theta.reshape(b, d)
-        # d log density(theta~_m) / d theta along t
         u = t / theta.reshape(b, d) if multiplicative else t
-        score = jnp.einsum("bmd,bd->bm", gs, u) / sigma
-        jac_t = jnp.einsum("bmo,bm->bo", c, score) / m
-        if terms.alpha is not None:
-            transposed = jnp.einsum("bmd,bm->bd", gs, jnp.einsum("bmo,bo->bm", c, t))
-            jac_t = terms.alpha * jac_t + (1 - terms.alpha) * transposed / (m * sigma)
-        d_y = d_y + jac_t
+    sums = _jacobian_sums(cfg, sigma, z, c, gn, gs, u, t, t_sigma, terms.alpha is not None)
+    d_y = _jacobian_tangent(sums, terms.alpha) / (m * sigma)
+    d_f = jnp.zeros((b,), theta.dtype)
     if same_shape:
         g_theta, g_sigma = _max_grad_sums(cfg, sigma, z, perturbed, y)
-        if t_theta is not None:
-            d_f = d_f + jnp.einsum("bd,bd->b", g_theta, t_theta.reshape(b, d)) / m
-        if t_sigma is not None:
-            d_f = d_f + t_sigma * g_sigma / m
-    if t_sigma is not None:
-        score = (jnp.einsum("bmd,bmd->bm", gn, _flat(z)) - d) / sigma
-        if multiplicative:
-            score = score - jnp.sum(gn, axis=-1)
-        d_y = d_y + t_sigma * jnp.einsum("bmo,bm->bo", c, score) / m
+        d_f = _max_tangent(g_theta / m, g_sigma / m, t_theta, t_sigma)
     return (y_eps, f_eps), (d_y.reshape(y_eps.shape), d_f)
 
 
@@ -451,10 +477,21 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
     if cfg.symmetric_jacobian and not multiplicative:  # see `_jacobian_terms`
         keep = jax.vmap(lambda j: _chunk_keep(cfg, j, c, theta.dtype))(jnp.arange(ys.shape[0]))
         dev2 = keep[:, None, :, None] * (ys - y_sum[None, :, None] / m) ** 2
-        s2 = jnp.sum(dev2, axis=(0, 2)) / m  # (a fused reduction, not a product)
-        total = jnp.sum(s2, axis=-1, keepdims=True)
-        den = total + d * s2
-        alpha = jnp.where(den > 0, total / jnp.where(den > 0, den, 1), 1)
+        alpha = _symmetry_weights(jnp.sum(dev2, axis=(0, 2)) / m)  # (a fused reduction)
+    whiten = None
+    if cfg.control_variate == "regression" and m > 1:
+        # the scores' sample covariance, from a pass that only draws the noise
+        def moments(sums, j):
+            z, keep = _chunk_noise(cfg, theta, key, j, c)
+            gn = _flat(cfg.noise.grad_nu(z)) * keep.reshape(1, -1, 1)
+            new = (jnp.sum(gn, axis=1), jnp.einsum("bmi,bmj->bij", gn, gn))
+            return jax.tree.map(jnp.add, sums, new), None
+
+        init = (jnp.zeros((b, d), theta.dtype), jnp.zeros((b, d, d), theta.dtype))
+        (g_sum, gg_sum), _ = jax.lax.scan(moments, init, jnp.arange(ys.shape[0]))
+        g_mean = g_sum / m
+        cov = gg_sum / m - g_mean[:, :, None] * g_mean[:, None, :]
+        whiten = _whitening_of(cov, m // 2 if cfg.antithetic else m)
     t = u = None
     if t_theta is not None:
         t = t_theta.reshape(b, d)
@@ -466,29 +503,13 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
         z, keep = _chunk_noise(cfg, theta, key, j, c)
         cm = centre(y) * keep.reshape(1, -1, 1)
         gn = _flat(cfg.noise.grad_nu(z))
-        plain, transposed, by_sigma = sums
-        if t is not None and u is not None:
-            plain = plain + jnp.einsum("bmo,bm->bo", cm, jnp.einsum("bmd,bd->bm", gn, u))
-            if alpha is not None:
-                transposed = transposed + jnp.einsum(
-                    "bmd,bm->bd", gn, jnp.einsum("bmo,bo->bm", cm, t)
-                )
-        if t_sigma is not None:
-            score = jnp.einsum("bmd,bmd->bm", gn, _flat(z)) - d  # (times sigma)
-            if multiplicative:
-                score = score - sigma * jnp.sum(gn, axis=-1)
-            by_sigma = by_sigma + jnp.einsum("bmo,bm->bo", cm, score)
-        return (plain, transposed, by_sigma), None
+        gs = gn if whiten is None else jnp.einsum("bij,bmj->bmi", whiten, gn)
+        new = _jacobian_sums(cfg, sigma, z, cm, gn, gs, u, t, t_sigma, alpha is not None)
+        return jax.tree.map(jnp.add, sums, new), None
 
     zeros = jnp.zeros((b, d), theta.dtype)
-    (plain, transposed, by_sigma), _ = jax.lax.scan(
-        step, (zeros, zeros, zeros), (jnp.arange(ys.shape[0]), ys)
-    )
-    d_y = plain / (m * sigma)
-    if alpha is not None:
-        d_y = alpha * d_y + (1 - alpha) * transposed / (m * sigma)
-    if t_sigma is not None:
-        d_y = d_y + t_sigma * by_sigma / (m * sigma)
+    sums, _ = jax.lax.scan(step, (zeros,) * 3, (jnp.arange(ys.shape[0]), ys))
+    d_y = _jacobian_tangent(sums, alpha) / (m * sigma)
     return (y_eps, f_eps), (d_y.reshape(y_eps.shape), d_f)
 
 
@@ -681,12 +702,14 @@ class PerturbedOptimizer(eqx.Module):
       gradient) but usually raises that of the Jacobian (default `False`).
     - `chunk_size`: solve the `batch x num_samples` perturbed instances at most this
       many at a time (bounds the solver's working memory; same result for the same key).
-      With a `mesh`, the chunks are taken on each device. Without one, `max` and so
-      the Fenchel-Young loss also draw, solve and sum the samples chunk by chunk,
-      holding about `chunk_size` perturbed instances instead of all of them (with
-      `Gumbel` or `Normal` noise, a `jax.random.key` and independent draws; the
-      same noise as unchunked, equal results up to rounding; a last partial chunk
-      is solved in full).
+      With a `mesh`, the chunks are taken on each device. Without one, the layer,
+      `max` and the Fenchel-Young loss also draw, solve and sum the samples chunk by
+      chunk (with `Gumbel` or `Normal` noise, a `jax.random.key` and independent
+      draws; the same noise as unchunked, equal results up to rounding; a last
+      partial chunk is solved in full). Values, the Fenchel-Young gradient and
+      forward-mode derivatives then hold about `chunk_size` perturbed instances
+      instead of all of them; reverse-mode derivatives of the layer also keep the
+      solutions of all samples (one array), still with one solver call per sample.
     - `mesh`: a `jax.sharding.Mesh`, or None (default). If given, the `batch x
       num_samples` solver calls are spread over its devices with `jax.shard_map`
       (padded to a multiple of the device count); the result does not depend on the
@@ -859,11 +882,8 @@ class PerturbedOptimizer(eqx.Module):
 
     def _run(self, theta, key, who: str):
         flat, sigma, cfg, batch_shape = self._setup(theta, key, who)
-        kernel = _jit_kernel
-        if cfg.control_variate != "regression" and _streams(
-            cfg, key, flat.shape[0], math.prod(flat.shape[1:])
-        ):
-            kernel = _jit_streamed_kernel
+        streams = _streams(cfg, key, flat.shape[0], math.prod(flat.shape[1:]))
+        kernel = _jit_streamed_kernel if streams else _jit_kernel
         y_eps, f_eps = kernel(flat, sigma, key, cfg=cfg)
         return y_eps.reshape(theta.shape), f_eps.reshape(batch_shape)
 

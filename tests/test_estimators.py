@@ -210,6 +210,7 @@ def test_chunked_equals_unchunked():
         {"noise": sp.Normal(), "perturbation": "multiplicative"},
         {"noise": sp.Gumbel(), "control_variate": "unperturbed"},
         {"noise": sp.Normal(), "control_variate": "none", "symmetric_jacobian": False},
+        {"noise": sp.Normal(), "control_variate": "regression", "antithetic": True},
     ],
 )
 @pytest.mark.parametrize("chunk", [7, 45])
