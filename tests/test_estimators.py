@@ -342,6 +342,9 @@ def test_solver_calls_per_gradient():
         # 3 x 8 = 24 solves in 4 chunks (no padding); streamed for the FY loss
         ({"chunk_size": 6}, (loss, fy), m),
         ({"control_variate": "regression"}, (loss,), m),
+        # streamed layer: the noise is drawn again in the backward pass, not solved
+        ({"chunk_size": 6, "control_variate": "regression"}, (loss,), m),
+        ({"chunk_size": 7, "control_variate": "unperturbed"}, (loss,), m + 1),
     ]
     for kwargs, losses, per_instance in cases:
         opt = sp.PerturbedOptimizer(solver, sigma=0.5, num_samples=m, **kwargs)
