@@ -25,9 +25,9 @@ from ._threefry import fast_threefry_key, is_partitionable_threefry, window_key
 
 
 Perturbation = Literal["additive", "multiplicative"]
-ControlVariate = Literal["none", "leave_one_out", "unperturbed", "regression"]
+ControlVariate = Literal["none", "leave_one_out", "unperturbed", "regression", "covariance"]
 _PERTURBATIONS = ("additive", "multiplicative")
-_CONTROL_VARIATES = ("none", "leave_one_out", "unperturbed", "regression")
+_CONTROL_VARIATES = ("none", "leave_one_out", "unperturbed", "regression", "covariance")
 # "regression" stores a d x d matrix per instance; beyond this size, refuse.
 _REGRESSION_MAX_SIZE = 4096
 
@@ -171,13 +171,16 @@ class _Terms(NamedTuple):
         J t = alpha * mean_m c_m <g_m, t>  +  (1 - alpha) * mean_m g_m <c_m, t>
 
     (the second term, the transposed estimator, only when `alpha` is not None). W is
-    the identity except with the regression control variate (see `_whitening`).
+    the identity except with the regression control variate (see `_whitening`). With
+    the covariance control variate, g_m is replaced by the corrected score of
+    `_covariance_scores`, applied without forming it (`moment` holds its weights).
     """
 
     centred: Array  # (B, M, Do)  c_m = y_m - b_m
     grad_nu: Array  # (B, M, D)   grad nu(Z_m), for the sigma-derivative
     scores: Array  # (B, M, D)    W^-1 grad nu(Z_m), for the theta-derivative
     alpha: Array | None  # (B, Do) weight of the plain estimator per output coordinate
+    moment: Array | None = None  # (B, M) 1 + k_m of `_covariance_scores`
 
 
 def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> _Terms:
@@ -198,7 +201,8 @@ def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> 
     elif cfg.control_variate == "unperturbed":
         assert y_plain is not None
         centred = yf - y_plain.reshape(y_plain.shape[0], 1, -1)
-    else:  # leave-one-out, also for "regression": y_m - mean of others = M/(M-1) (y_m - mean)
+    else:  # leave-one-out, also for "regression" and "covariance":
+        # y_m - mean of the others = M/(M-1) (y_m - mean)
         centred = (yf - jnp.mean(yf, axis=1, keepdims=True)) * (m / (m - 1))
     alpha = None
     symmetric = (
@@ -215,10 +219,44 @@ def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> 
         alpha = _symmetry_weights(jnp.var(yf, axis=1))
     gn = _flat(cfg.noise.grad_nu(z))
     scores = gn
+    n_eff = m // 2 if cfg.antithetic else m
     if cfg.control_variate == "regression" and m > 1:
-        n_eff = m // 2 if cfg.antithetic else m
         scores = jnp.einsum("bij,bmj->bmi", _whitening(gn, n_eff), gn)
-    return _Terms(centred, gn, scores, alpha)
+    moment = None
+    if cfg.control_variate == "covariance" and n_eff > 1:
+        moment = 1 + (jnp.sum(gn**2, axis=-1) - 1) / (n_eff - 1)
+    return _Terms(centred, gn, scores, alpha, moment)
+
+
+def _covariance_ratio(cfg: _Config, m: int) -> float:
+    """n / (n - 1) for n independent draws among the m samples (pairs: m / 2)."""
+    n = m // 2 if cfg.antithetic else m
+    return n / (n - 1)
+
+
+def _apply_p(gn: Array, v: Array) -> Array:
+    """P v (B, D) with P = mean_m g_m g_m^T - I, the scores' second moment minus its
+    expectation, without forming it: O(M D)."""
+    return jnp.einsum("bmd,bm->bd", gn, jnp.einsum("bmd,bd->bm", gn, v)) / gn.shape[1] - v
+
+
+def _covariance_scores(cfg: _Config, gn: Array, moment: Array) -> Array:
+    """The corrected scores (B, M, D) of the covariance control variate, formed
+    explicitly (for `stats`): g'_m = (1 + k_m) g_m - n/(n-1) P g_m, k_m = (|g_m|^2 - 1)
+    / (n - 1). Scores of Gumbel and Normal noise have E[g g^T] = I, so P has mean zero;
+    -n/(n-1) J P is the leave-one-out estimate of the linear part of the estimator's
+    error, J (sample second moment - I), with J estimated from the other samples (so
+    no bias), and the k_m term is what leaving each sample out adds.
+
+    Formed through a D x D or an M x M matrix, whichever is smaller."""
+    b, m, d = gn.shape
+    if d <= m:
+        second = jnp.einsum("bmi,bmj->bij", gn, gn) / m
+        p_g = jnp.einsum("bij,bmj->bmi", second, gn) - gn
+    else:
+        gram = jnp.einsum("bmd,bkd->bmk", gn, gn) / m
+        p_g = jnp.einsum("bmk,bkd->bmd", gram, gn) - gn
+    return moment[..., None] * gn - _covariance_ratio(cfg, m) * p_g
 
 
 def _symmetry_weights(s2: Array) -> Array:
@@ -273,18 +311,34 @@ def _max_grad_sums(cfg: _Config, sigma: Array, z: Array, perturbed: Array, y: Ar
     return jnp.sum(yf, axis=1), jnp.einsum("bmd,bmd->b", yf, zf)
 
 
-def _jacobian_sums(cfg: _Config, sigma, z, c, gn, gs, u, t, t_sigma, transposed: bool):
+def _jacobian_sums(
+    cfg: _Config, sigma, z, c, gn, gs, u, t, t_sigma, transposed: bool, moment=None
+):
     """Sums over the samples (axis 1) of the Jacobian estimator's terms along the
     tangents (see `_Terms`), each (B, D), zero where a tangent is None: the plain
     estimator sum_m c_m <g_m, u> and its transpose sum_m g_m <c_m, t> (u = t, or t /
     theta for the multiplicative perturbation), and the sigma-derivative's
-    sum_m c_m score_m * t_sigma; all still to be divided by M sigma."""
+    sum_m c_m score_m * t_sigma; all still to be divided by M sigma. With `moment`
+    (the covariance control variate, all samples at once), g_m is the corrected score
+    of `_covariance_scores`, applied through P v in O(M D)."""
     zeros = jnp.zeros((c.shape[0], c.shape[-1]), c.dtype)
     plain = trans = by_sigma = zeros
     if t is not None:
-        plain = jnp.einsum("bmo,bm->bo", c, jnp.einsum("bmd,bd->bm", gs, u))
+        if moment is None:
+            plain = jnp.einsum("bmo,bm->bo", c, jnp.einsum("bmd,bd->bm", gs, u))
+        else:  # <g'_m, u> = (1 + k_m) <g_m, u> - r <g_m, P u>
+            r = _covariance_ratio(cfg, gs.shape[1])
+            s = moment * jnp.einsum("bmd,bd->bm", gs, u)
+            s = s - r * jnp.einsum("bmd,bd->bm", gs, _apply_p(gs, u))
+            plain = jnp.einsum("bmo,bm->bo", c, s)
         if transposed:
-            trans = jnp.einsum("bmd,bm->bd", gs, jnp.einsum("bmo,bo->bm", c, t))
+            ct = jnp.einsum("bmo,bo->bm", c, t)
+            if moment is None:
+                trans = jnp.einsum("bmd,bm->bd", gs, ct)
+            else:  # sum_m g'_m <c_m, t>
+                r = _covariance_ratio(cfg, gs.shape[1])
+                trans = jnp.einsum("bmd,bm->bd", gs, moment * ct)
+                trans = trans - r * _apply_p(gs, jnp.einsum("bmd,bm->bd", gs, ct))
     if t_sigma is not None:
         # d log density(theta~_m) / d sigma, times sigma
         score = jnp.einsum("bmd,bmd->bm", gn, _flat(z)) - gn.shape[-1]
@@ -332,7 +386,9 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
     if t_theta is not None:
         t = t_theta.reshape(b, d)
         u = t / theta.reshape(b, d) if multiplicative else t
-    sums = _jacobian_sums(cfg, sigma, z, c, gn, gs, u, t, t_sigma, terms.alpha is not None)
+    sums = _jacobian_sums(
+        cfg, sigma, z, c, gn, gs, u, t, t_sigma, terms.alpha is not None, terms.moment
+    )
     d_y = _jacobian_tangent(sums, terms.alpha) / (m * sigma)
     d_f = jnp.zeros((b,), theta.dtype)
     if same_shape:
@@ -564,15 +620,18 @@ def _stats(theta, sigma, key, cotangent, *, cfg: _Config):
         # exactly what jax.grad returns for <cotangent, y_eps>.
         terms = _jacobian_terms(cfg, theta, z, y, y_plain)
         c, gs = terms.centred, terms.scores
+        if terms.moment is not None:
+            gs = _covariance_scores(cfg, gs, terms.moment)
         v = cotangent.reshape(b, -1).astype(theta.dtype)
         va = v if terms.alpha is None else v * terms.alpha
         vt = None if terms.alpha is None else v * (1 - terms.alpha)
         per = _vjp_terms(cfg, theta, sigma, c, gs, va, vt)
         vjp = jnp.mean(per, axis=1).reshape(theta.shape)
-        if cfg.control_variate == "regression":
+        if cfg.control_variate in ("regression", "covariance"):
             # A regression's error is that of its residuals (the spread of `per`
             # would ignore what the fit removes): the same terms with every solution
-            # replaced by its residual from the least-squares prediction.
+            # replaced by its residual from the least-squares prediction. The
+            # covariance control variate removes the same linear part (to first order).
             gn = terms.grad_nu
             coef = jnp.einsum("bmo,bmd->bod", c, gs) / m
             resid = c - jnp.einsum("bod,bmd->bmo", coef, gn) / _score_scale(gn)
@@ -808,6 +867,20 @@ class PerturbedOptimizer(eqx.Module):
                     "PerturbedOptimizer: `antithetic=True` draws samples in pairs, so "
                     f"`num_samples` must be even, got {m}."
                 )
+        if self.control_variate == "covariance":
+            if type(self.noise) not in (Gumbel, Normal):
+                raise ValueError(
+                    "PerturbedOptimizer: `control_variate='covariance'` relies on the "
+                    "scores of sp.Gumbel() and sp.Normal() having covariance I; got "
+                    f"{type(self.noise).__name__}. Use control_variate='leave_one_out'."
+                )
+            if self.orthogonal:
+                raise ValueError(
+                    "PerturbedOptimizer: `control_variate='covariance'` needs independent "
+                    "draws, and `orthogonal=True` makes the samples of a block dependent "
+                    "(it already removes the error that this control variate targets). "
+                    "Use one or the other."
+                )
         if not isinstance(self.orthogonal, bool):
             raise TypeError(
                 "PerturbedOptimizer: `orthogonal` must be True or False, got "
@@ -882,7 +955,10 @@ class PerturbedOptimizer(eqx.Module):
 
     def _run(self, theta, key, who: str):
         flat, sigma, cfg, batch_shape = self._setup(theta, key, who)
-        streams = _streams(cfg, key, flat.shape[0], math.prod(flat.shape[1:]))
+        # (the covariance control variate needs all samples' scores at once)
+        streams = cfg.control_variate != "covariance" and _streams(
+            cfg, key, flat.shape[0], math.prod(flat.shape[1:])
+        )
         kernel = _jit_streamed_kernel if streams else _jit_kernel
         y_eps, f_eps = kernel(flat, sigma, key, cfg=cfg)
         return y_eps.reshape(theta.shape), f_eps.reshape(batch_shape)

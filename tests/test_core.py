@@ -55,7 +55,9 @@ def test_gumbel_simplex_is_softmax(dtype):
     assert abs(float(jnp.sum(y)) - 1.0) < 1e-5
 
 
-@pytest.mark.parametrize("control_variate", ["none", "leave_one_out", "unperturbed"])
+@pytest.mark.parametrize(
+    "control_variate", ["none", "leave_one_out", "unperturbed", "covariance"]
+)
 def test_gumbel_simplex_jacobian(control_variate):
     theta = jnp.array([1.0, -0.2, 0.3, 2.0])
     sigma = 0.8

@@ -7,7 +7,7 @@ the standard errors estimated from the same independent repetitions.
 
 import re
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -64,18 +64,23 @@ def test_jacobian_unbiased_simplex_gumbel():
     )
 
 
-@pytest.mark.parametrize("antithetic, orthogonal", [(False, False), (True, False),
-                                                     (False, True), (True, True)])
-def test_probit_two_items_normal(antithetic, orthogonal):
+@pytest.mark.parametrize(
+    "antithetic, orthogonal, control_variate",
+    [(False, False, "leave_one_out"), (True, False, "leave_one_out"),
+     (False, True, "leave_one_out"), (True, True, "leave_one_out"),
+     (False, False, "covariance"), (True, False, "covariance")],
+)
+def test_probit_two_items_normal(antithetic, orthogonal, control_variate):
     """Two items, Normal noise: P(y* = e1) = Phi(u), u = (t1 - t2) / (eps sqrt 2).
     Checks the value, the theta-derivative phi(u) / (eps sqrt 2) and the
     sigma-derivative -phi(u) u / eps (leave-one-pair-out baseline with pairs), also
-    with orthogonal samples (pairs of orthogonal vectors here)."""
+    with orthogonal samples (pairs of orthogonal vectors here) and with the
+    covariance control variate."""
     eps, reps, m = 0.5, 400, 64
     theta = jnp.array([0.3, 0.0])
     u = 0.3 / (eps * np.sqrt(2))
     opt = sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), eps, m, antithetic=antithetic,
-                                orthogonal=orthogonal)
+                                orthogonal=orthogonal, control_variate=control_variate)
 
     def one(key):
         f = lambda t, s: eqx_call(opt, t, s, key)[0]
@@ -122,6 +127,8 @@ def test_antithetic_lowers_value_variance_normal():
         {"noise": sp.Normal(), "control_variate": "regression", "antithetic": True},
         {"perturbation": "multiplicative", "control_variate": "regression"},
         {"noise": sp.Normal(), "orthogonal": True},
+        {"noise": sp.Normal(), "control_variate": "covariance", "antithetic": True},
+        {"perturbation": "multiplicative", "control_variate": "covariance"},
     ],
 )
 def test_stats_match_layer_and_grad(kwargs):
@@ -154,6 +161,7 @@ def test_stats_match_layer_and_grad(kwargs):
         {"control_variate": "regression", "antithetic": True},
         {"orthogonal": True},
         {"orthogonal": True, "antithetic": True},
+        {"control_variate": "covariance"},
     ],
 )
 def test_stats_stderr_is_calibrated(kwargs):
@@ -345,6 +353,7 @@ def test_solver_calls_per_gradient():
         # streamed layer: the noise is drawn again in the backward pass, not solved
         ({"chunk_size": 6, "control_variate": "regression"}, (loss,), m),
         ({"chunk_size": 7, "control_variate": "unperturbed"}, (loss,), m + 1),
+        ({"chunk_size": 6, "control_variate": "covariance"}, (loss,), m),
     ]
     for kwargs, losses, per_instance in cases:
         opt = sp.PerturbedOptimizer(solver, sigma=0.5, num_samples=m, **kwargs)
@@ -378,21 +387,23 @@ def test_regression_is_the_least_squares_fit():
     np.testing.assert_allclose(jac, expected, rtol=1e-9, atol=1e-12)
 
 
-def test_regression_lowers_the_variance_and_is_consistent():
-    """On a ranking with Normal noise the regression control variate has a much lower
-    variance than leave-one-out (the benchmark measures 1.4 to 8.3 times lower MSE), and
-    both estimates agree on average: its O(d/M) bias is below 5 standard errors here."""
+def test_regression_and_covariance_lower_the_variance():
+    """On a ranking with Normal noise the regression and covariance control variates
+    have a much lower variance than leave-one-out (the benchmark measures 1.4 to 8.3
+    times lower MSE for regression), and the estimates agree on average: regression's
+    O(d/M) bias is below 5 standard errors here, the covariance one has none."""
     theta = jax.random.normal(jax.random.key(0), (20,))
     reps = 100
     jacs = {}
-    for cv in ("leave_one_out", "regression"):
+    for cv in ("leave_one_out", "regression", "covariance"):
         opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), 0.5, 400,
                                     control_variate=cv)
         jacs[cv] = _repeat_jacobians(opt, theta, reps, seed=1)
-    loo, reg = jacs["leave_one_out"], jacs["regression"]
-    assert reg.var(0).sum() < 0.5 * loo.var(0).sum()
-    tol = mc_tol(np.sqrt(reg.var(0) + loo.var(0)), reps) + 1e-12
-    assert np.all(np.abs(reg.mean(0) - loo.mean(0)) <= tol)
+    loo = jacs["leave_one_out"]
+    for cv in ("regression", "covariance"):
+        assert jacs[cv].var(0).sum() < 0.5 * loo.var(0).sum(), cv
+        tol = mc_tol(np.sqrt(jacs[cv].var(0) + loo.var(0)), reps) + 1e-12
+        assert np.all(np.abs(jacs[cv].mean(0) - loo.mean(0)) <= tol), cv
 
 
 def test_float32_gradient():
@@ -408,6 +419,18 @@ def test_float32_gradient():
     assert np.all(np.abs(np.asarray(g) - exact) <= 5 * np.asarray(st.vjp_stderr) + 1e-6)
 
 
+class Logistic(sp.AbstractNoise):
+    """A user-defined noise (scores of variance 1/3, not 1)."""
+
+    symmetric: ClassVar[bool] = True
+
+    def sample(self, key, shape, dtype):
+        return jax.random.logistic(key, shape, dtype)
+
+    def grad_nu(self, z):
+        return jnp.tanh(z / 2)
+
+
 def test_bad_inputs():
     with pytest.raises(BAD_INPUT, match="symmetric_jacobian"):
         sp.PerturbedOptimizer(sp.Simplex(), symmetric_jacobian="yes")  # pyright: ignore
@@ -415,6 +438,11 @@ def test_bad_inputs():
         sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), orthogonal=1)  # pyright: ignore
     with pytest.raises(BAD_INPUT, match="orthogonal=True.*sp.Normal"):
         sp.PerturbedOptimizer(sp.Simplex(), sp.Gumbel(), orthogonal=True)
+    with pytest.raises(BAD_INPUT, match="covariance.*orthogonal"):
+        sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), control_variate="covariance",
+                              orthogonal=True)
+    with pytest.raises(BAD_INPUT, match="covariance.*Logistic"):
+        sp.PerturbedOptimizer(sp.Simplex(), Logistic(), control_variate="covariance")
     big = sp.PerturbedOptimizer(sp.Permutahedron(), control_variate="regression")
     with pytest.raises(BAD_INPUT, match="control_variate"):
         jax.eval_shape(lambda t: big(t, key=jax.random.key(0)), jnp.zeros(4097))
