@@ -121,6 +121,7 @@ def count_calls(m=10, d=5):
     ours = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m)
     ours_u = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m, control_variate="unperturbed")
     ours_r = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m, control_variate="regression")
+    ours_c = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m, control_variate="covariance")
     ours_o = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m, orthogonal=True)
     cases = {
         "jaxopt argmax": lambda t: sq(jo(t, key)),
@@ -131,6 +132,7 @@ def count_calls(m=10, d=5):
         "structpert argmax": lambda t: sq(ours(t, key=key)),
         "structpert argmax, unperturbed": lambda t: sq(ours_u(t, key=key)),
         "structpert argmax, regression": lambda t: sq(ours_r(t, key=key)),
+        "structpert argmax, covariance": lambda t: sq(ours_c(t, key=key)),
         "structpert argmax, orthogonal": lambda t: sq(ours_o(t, key=key)),
         "structpert FY": lambda t: sp.FenchelYoungLoss(ours)(t, y, key=key),
     }
@@ -192,9 +194,11 @@ def gradient_mse(problem, budget, reps, n_ref):
         "sp, no cv": ours(control_variate="none"),
     }
     layers["sp, regression"] = ours(control_variate="regression")
+    layers["sp, covariance"] = ours(control_variate="covariance")
     if symmetric:
         layers["sp, antithetic"] = ours(antithetic=True)
         layers["sp, regr. + antithetic"] = ours(control_variate="regression", antithetic=True)
+        layers["sp, cov. + antithetic"] = ours(control_variate="covariance", antithetic=True)
         layers["sp, orthogonal"] = ours(orthogonal=True)
         layers["sp, orth. + regression"] = ours(orthogonal=True, control_variate="regression")
         layers["sp, orth. + regr. + anti."] = ours(
@@ -417,6 +421,9 @@ def timing(d=100, m=1000, repeats=20, batch=1):
             "sp regression": sp.PerturbedOptimizer(
                 solver, sp_noise, eps, m, control_variate="regression"
             ),
+            "sp covariance": sp.PerturbedOptimizer(
+                solver, sp_noise, eps, m, control_variate="covariance"
+            ),
         }
         if noise_name == "normal":
             layers["sp orthogonal"] = sp.PerturbedOptimizer(
@@ -470,12 +477,13 @@ def timing(d=100, m=1000, repeats=20, batch=1):
     print("taken in turns. bare = the vmapped solver on M given perturbed inputs;")
     print("floor = drawing the noise + perturbing + solving + averaging (what any method must do).")
     print("structpert's rows use its solver class (the default estimator, and")
-    print('control_variate="regression", and orthogonal=True for Normal noise); the other')
-    print("rows use the same function")
+    print('control_variate="regression" and "covariance", and orthogonal=True for Normal')
+    print("noise); the other rows use the same function")
     print("(jnp one_hot/argmax, the notebook's double-argsort ranking, lax.top_k).")
     for row in rows:
         print(f"\n{row['case']}")
         for lib, base in (("structpert", "structpert"), ("sp regression", "structpert"),
+                          ("sp covariance", "structpert"),
                           ("sp orthogonal", "structpert"), ("sp FunctionSolver", "fn"),
                           ("jaxopt", "fn"), ("optax", "fn")):
             if (lib, "loss") not in row:
