@@ -11,6 +11,7 @@ Data flow (one place for each step):
 """
 
 import math
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import equinox as eqx
@@ -187,23 +188,7 @@ def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> 
     """The control variate, the noise scores and the symmetrisation weights."""
     m = y.shape[1]
     yf = _flat(y)
-    # Control variate b_m: independent of the m-th noise, so it adds no bias (the
-    # score has mean zero). With antithetic pairs, any baseline shared by a pair
-    # cancels from the theta-derivative; the leave-one-pair-out mean still reduces
-    # the variance of the sigma-derivative (whose score is even in Z).
-    if cfg.control_variate == "none" or m == 1 or (cfg.antithetic and m < 4):
-        centred = yf
-    elif cfg.antithetic:
-        h = m // 2
-        pair = _pairs(yf)
-        loo = (jnp.sum(pair, axis=1, keepdims=True) - pair) / (h - 1)
-        centred = yf - jnp.concatenate([loo, loo], axis=1)
-    elif cfg.control_variate == "unperturbed":
-        assert y_plain is not None
-        centred = yf - y_plain.reshape(y_plain.shape[0], 1, -1)
-    else:  # leave-one-out, also for "regression" and "covariance":
-        # y_m - mean of the others = M/(M-1) (y_m - mean)
-        centred = (yf - jnp.mean(yf, axis=1, keepdims=True)) * (m / (m - 1))
+    centred = _centring(cfg, m, jnp.sum(yf, axis=1), y_plain)(yf)
     alpha = None
     symmetric = (
         cfg.symmetric_jacobian
@@ -226,6 +211,31 @@ def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> 
     if cfg.control_variate == "covariance" and n_eff > 1:
         moment = 1 + (jnp.sum(gn**2, axis=-1) - 1) / (n_eff - 1)
     return _Terms(centred, gn, scores, alpha, moment)
+
+
+def _centring(cfg: _Config, m: int, y_sum: Array, y_plain) -> Callable[[Array], Array]:
+    """y -> c = y - b for a block of samples y (B, k, Do), from the sum of all M
+    solutions (B, Do) (and y*(theta) (B, *out) for "unperturbed"): the control
+    variate b_m, independent of the m-th noise, so it adds no bias (the score has
+    mean zero). With antithetic pairs (a block holds k/2 samples, then their
+    partners), any baseline shared by a pair cancels from the theta-derivative; the
+    leave-one-pair-out mean still reduces the variance of the sigma-derivative (whose
+    score is even in Z)."""
+    if cfg.control_variate == "none" or m == 1 or (cfg.antithetic and m < 4):
+        return lambda y: y
+    if cfg.antithetic:
+        def centre(y):
+            pair = _pairs(y)
+            loo = (y_sum[:, None] / 2 - pair) / (m // 2 - 1)
+            return y - jnp.concatenate([loo, loo], axis=1)
+
+        return centre
+    if cfg.control_variate == "unperturbed":
+        assert y_plain is not None
+        return lambda y: y - y_plain.reshape(y_plain.shape[0], 1, -1)
+    # leave-one-out, also for "regression" and "covariance":
+    # y_m - mean of the others = M/(M-1) (y_m - mean)
+    return lambda y: (y - y_sum[:, None] / m) * (m / (m - 1))
 
 
 def _covariance_ratio(cfg: _Config, m: int) -> float:
@@ -516,19 +526,10 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
     multiplicative = cfg.perturbation == "multiplicative"
     ys = ys.reshape(ys.shape[0], b, pairs * c, d)
     y_sum = y_eps.reshape(b, d) * m
-    # The control variate b_m of `_jacobian_terms`, from the sum of all solutions.
-    if cfg.control_variate == "none" or m == 1 or (cfg.antithetic and m < 4):
-        centre = lambda y: y
-    elif cfg.antithetic:
-        def centre(y):
-            pair = (y[:, :c] + y[:, c:]) / 2
-            loo = (y_sum[:, None] / 2 - pair) / (m // 2 - 1)
-            return y - jnp.concatenate([loo, loo], axis=1)
-    elif cfg.control_variate == "unperturbed":
-        y_plain = _flat(solve_batch(cfg.solver, theta)[:, None].astype(theta.dtype))
-        centre = lambda y: y - y_plain
-    else:
-        centre = lambda y: (y - y_sum[:, None] / m) * (m / (m - 1))
+    y_plain = None
+    if cfg.control_variate == "unperturbed" and not cfg.antithetic:
+        y_plain = solve_batch(cfg.solver, theta).astype(theta.dtype)
+    centre = _centring(cfg, m, y_sum, y_plain)
     alpha = None
     if cfg.symmetric_jacobian and not multiplicative:  # see `_jacobian_terms`
         keep = jax.vmap(lambda j: _chunk_keep(cfg, j, c, theta.dtype))(jnp.arange(ys.shape[0]))
