@@ -71,7 +71,7 @@ def _draw_noise(
     each instance (`window_key`; see `_streamed_sums`), shape (batch, count, *event),
     or twice count with antithetic pairs.
     """
-    m = cfg.num_samples // 2 if cfg.antithetic else cfg.num_samples
+    m = _independent(cfg, cfg.num_samples)
     one_draw = not cfg.orthogonal and _one_draw(cfg.noise, key)
     if window is not None:
         start, count = window
@@ -204,7 +204,7 @@ def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> 
         alpha = _symmetry_weights(jnp.var(yf, axis=1))
     gn = _flat(cfg.noise.grad_nu(z))
     scores = gn
-    n_eff = m // 2 if cfg.antithetic else m
+    n_eff = _independent(cfg, m)
     if cfg.control_variate == "regression" and m > 1:
         scores = jnp.einsum("bij,bmj->bmi", _whitening(gn, n_eff), gn)
     moment = None
@@ -238,9 +238,14 @@ def _centring(cfg: _Config, m: int, y_sum: Array, y_plain) -> Callable[[Array], 
     return lambda y: (y - y_sum[:, None] / m) * (m / (m - 1))
 
 
+def _independent(cfg: _Config, m: int) -> int:
+    """How many independent draws m samples hold: m, or m / 2 antithetic pairs."""
+    return m // 2 if cfg.antithetic else m
+
+
 def _covariance_ratio(cfg: _Config, m: int) -> float:
-    """n / (n - 1) for n independent draws among the m samples (pairs: m / 2)."""
-    n = m // 2 if cfg.antithetic else m
+    """n / (n - 1) for the n independent draws among m samples."""
+    n = _independent(cfg, m)
     return n / (n - 1)
 
 
@@ -411,7 +416,7 @@ def _streams(cfg: _Config, key: PRNGKeyArray, batch: int, size: int) -> bool:
     """Whether the layer and `max` run in chunks of samples with `chunk_size` (see
     `_streamed_sums`): the built-in elementwise noises with a partitionable Threefry
     key, one device, independent draws."""
-    m = cfg.num_samples // 2 if cfg.antithetic else cfg.num_samples
+    m = _independent(cfg, cfg.num_samples)
     return (
         cfg.chunk_size is not None
         and cfg.chunk_size < batch * cfg.num_samples
@@ -548,7 +553,7 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
         (g_sum, gg_sum), _ = jax.lax.scan(moments, init, jnp.arange(ys.shape[0]))
         g_mean = g_sum / m
         cov = gg_sum / m - g_mean[:, :, None] * g_mean[:, None, :]
-        whiten = _whitening_of(cov, m // 2 if cfg.antithetic else m)
+        whiten = _whitening_of(cov, _independent(cfg, m))
     t = u = None
     if t_theta is not None:
         t = t_theta.reshape(b, d)
@@ -638,7 +643,7 @@ def _stats(theta, sigma, key, cotangent, *, cfg: _Config):
             resid = c - jnp.einsum("bod,bmd->bmo", coef, gn) / _score_scale(gn)
             per = _vjp_terms(cfg, theta, sigma, resid, gs, va, vt)
             # residuals of a fit of d + 1 coefficients: the usual degrees of freedom
-            n_eff = m // 2 if cfg.antithetic else m
+            n_eff = _independent(cfg, m)
             per = per * math.sqrt(n_eff / max(n_eff - d - 1, 1))
         vjp_err = _stderr(per, cfg, d).reshape(theta.shape)
     return MonteCarloStats(
