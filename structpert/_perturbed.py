@@ -190,12 +190,7 @@ def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> 
     yf = _flat(y)
     centred = _centring(cfg, m, jnp.sum(yf, axis=1), y_plain)(yf)
     alpha = None
-    symmetric = (
-        cfg.symmetric_jacobian
-        and cfg.perturbation == "additive"
-        and y.shape[2:] == theta.shape[1:]
-    )
-    if symmetric:
+    if _symmetrised(cfg) and y.shape[2:] == theta.shape[1:]:
         # The Jacobian of y_eps is the Hessian of F_eps, hence symmetric, so
         # the plain estimator (row i: noise from all d coordinates of grad nu,
         # variance ~ d s_i^2) and its transpose (row i: variance ~ sum_j s_j^2)
@@ -236,6 +231,12 @@ def _centring(cfg: _Config, m: int, y_sum: Array, y_plain) -> Callable[[Array], 
     # leave-one-out, also for "regression" and "covariance":
     # y_m - mean of the others = M/(M-1) (y_m - mean)
     return lambda y: (y - y_sum[:, None] / m) * (m / (m - 1))
+
+
+def _symmetrised(cfg: _Config) -> bool:
+    """Whether the Jacobian estimate is combined with its transpose (an argmax layer
+    with the additive perturbation, whose y_eps is a gradient; see `_jacobian_terms`)."""
+    return cfg.symmetric_jacobian and cfg.perturbation == "additive"
 
 
 def _independent(cfg: _Config, m: int) -> int:
@@ -432,7 +433,7 @@ def _chunking(cfg: _Config, batch: int) -> tuple[int, int, int]:
     """(pairs, c, num_chunks): chunk j holds samples j*c .. j*c+c-1 of each instance
     (and their antithetic partners: pairs = 2), about `chunk_size` solves in all."""
     pairs = 2 if cfg.antithetic else 1
-    m = cfg.num_samples // pairs
+    m = _independent(cfg, cfg.num_samples)
     assert cfg.chunk_size is not None
     c = max(1, min(m, cfg.chunk_size // (batch * pairs)))
     return pairs, c, -(-m // c)
@@ -448,9 +449,8 @@ def _chunk_noise(cfg: _Config, theta: Array, key: PRNGKeyArray, j: Array, c: int
 
 def _chunk_keep(cfg: _Config, j: Array, c: int, dtype) -> Array:
     """1 for chunk j's samples, 0 for its padding (pairs*c,)."""
-    pairs = 2 if cfg.antithetic else 1
-    keep = j * c + jnp.arange(c) < cfg.num_samples // pairs
-    return jnp.tile(keep.astype(dtype), pairs)
+    keep = j * c + jnp.arange(c) < _independent(cfg, cfg.num_samples)
+    return jnp.tile(keep.astype(dtype), 2 if cfg.antithetic else 1)
 
 
 def _streamed_sums(cfg: _Config, theta: Array, sigma: Array, key: PRNGKeyArray, keep_y=False):
@@ -536,7 +536,7 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
         y_plain = solve_batch(cfg.solver, theta).astype(theta.dtype)
     centre = _centring(cfg, m, y_sum, y_plain)
     alpha = None
-    if cfg.symmetric_jacobian and not multiplicative:  # see `_jacobian_terms`
+    if _symmetrised(cfg):
         keep = jax.vmap(lambda j: _chunk_keep(cfg, j, c, theta.dtype))(jnp.arange(ys.shape[0]))
         dev2 = keep[:, None, :, None] * (ys - y_sum[None, :, None] / m) ** 2
         alpha = _symmetry_weights(jnp.sum(dev2, axis=(0, 2)) / m)  # (a fused reduction)
