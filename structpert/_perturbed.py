@@ -26,9 +26,11 @@ from ._threefry import fast_threefry_key, is_partitionable_threefry, window_key
 
 
 Perturbation = Literal["additive", "multiplicative"]
-ControlVariate = Literal["none", "leave_one_out", "unperturbed", "regression", "covariance"]
+ControlVariate = Literal[
+    "auto", "none", "leave_one_out", "unperturbed", "regression", "covariance"
+]
 _PERTURBATIONS = ("additive", "multiplicative")
-_CONTROL_VARIATES = ("none", "leave_one_out", "unperturbed", "regression", "covariance")
+_CONTROL_VARIATES = ("auto", "none", "leave_one_out", "unperturbed", "regression", "covariance")
 # "regression" stores a d x d matrix per instance; beyond this size, refuse.
 _REGRESSION_MAX_SIZE = 4096
 
@@ -204,7 +206,7 @@ def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> 
         scores = jnp.einsum("bij,bmj->bmi", _whitening(gn, n_eff), gn)
     moment = None
     if cfg.control_variate == "covariance" and n_eff > 1:
-        moment = 1 + (jnp.sum(gn**2, axis=-1) - 1) / (n_eff - 1)
+        moment = _moment(cfg, gn, m)
     return _Terms(centred, gn, scores, alpha, moment)
 
 
@@ -244,10 +246,23 @@ def _independent(cfg: _Config, m: int) -> int:
     return m // 2 if cfg.antithetic else m
 
 
-def _covariance_ratio(cfg: _Config, m: int) -> float:
-    """n / (n - 1) for the n independent draws among m samples."""
+def _covariance_weights(cfg: _Config, m: int, d: int) -> tuple[float, float]:
+    """(beta, r) of the covariance control variate for the n independent draws among
+    m samples of d coordinates: the shrinkage beta = n / (n + d) and r = beta n / (n - 1).
+
+    The control variate's own error grows with d / n (P has d^2 entries estimated from
+    n draws), so its weight shrinks from 1 when n >> d toward 0 when d >> n. beta is
+    fixed by the sizes, not fitted to the samples, so the estimator stays unbiased."""
     n = _independent(cfg, m)
-    return n / (n - 1)
+    beta = n / (n + d)
+    return beta, beta * n / (n - 1)
+
+
+def _moment(cfg: _Config, gn: Array, m: int) -> Array:
+    """1 + k_m (B, k) of `_covariance_scores` for a block of scores gn (B, k, D) among
+    m samples: k_m = beta (|g_m|^2 - 1) / (n - 1)."""
+    beta, _ = _covariance_weights(cfg, m, gn.shape[-1])
+    return 1 + beta * (jnp.sum(gn**2, axis=-1) - 1) / (_independent(cfg, m) - 1)
 
 
 def _apply_p(gn: Array, v: Array) -> Array:
@@ -258,11 +273,12 @@ def _apply_p(gn: Array, v: Array) -> Array:
 
 def _covariance_scores(cfg: _Config, gn: Array, moment: Array) -> Array:
     """The corrected scores (B, M, D) of the covariance control variate, formed
-    explicitly (for `stats`): g'_m = (1 + k_m) g_m - n/(n-1) P g_m, k_m = (|g_m|^2 - 1)
-    / (n - 1). Scores of Gumbel and Normal noise have E[g g^T] = I, so P has mean zero;
-    -n/(n-1) J P is the leave-one-out estimate of the linear part of the estimator's
-    error, J (sample second moment - I), with J estimated from the other samples (so
-    no bias), and the k_m term is what leaving each sample out adds.
+    explicitly (for `stats`): g'_m = (1 + k_m) g_m - r P g_m (`_moment`,
+    `_covariance_weights`). Scores of Gumbel and Normal noise have E[g g^T] = I, so P
+    has mean zero; -n/(n-1) J P is the leave-one-out estimate of the linear part of
+    the estimator's error, J (sample second moment - I), with J estimated from the
+    other samples (so no bias), and the k_m term is what leaving each sample out adds;
+    both are weighted by beta.
 
     Formed through a D x D or an M x M matrix, whichever is smaller."""
     b, m, d = gn.shape
@@ -272,7 +288,7 @@ def _covariance_scores(cfg: _Config, gn: Array, moment: Array) -> Array:
     else:
         gram = jnp.einsum("bmd,bkd->bmk", gn, gn) / m
         p_g = jnp.einsum("bmk,bkd->bmd", gram, gn) - gn
-    return moment[..., None] * gn - _covariance_ratio(cfg, m) * p_g
+    return moment[..., None] * gn - _covariance_weights(cfg, m, d)[1] * p_g
 
 
 def _symmetry_weights(s2: Array) -> Array:
@@ -328,45 +344,53 @@ def _max_grad_sums(cfg: _Config, sigma: Array, z: Array, perturbed: Array, y: Ar
 
 
 def _jacobian_sums(
-    cfg: _Config, sigma, z, c, gn, gs, u, t, t_sigma, transposed: bool, moment=None
+    cfg: _Config, sigma, z, c, gn, gs, u, t, t_sigma, transposed: bool, moment=None, rp_u=None
 ):
     """Sums over the samples (axis 1) of the Jacobian estimator's terms along the
     tangents (see `_Terms`), each (B, D), zero where a tangent is None: the plain
     estimator sum_m c_m <g_m, u> and its transpose sum_m g_m <c_m, t> (u = t, or t /
     theta for the multiplicative perturbation), and the sigma-derivative's
-    sum_m c_m score_m * t_sigma; all still to be divided by M sigma. With `moment`
-    (the covariance control variate, all samples at once), g_m is the corrected score
-    of `_covariance_scores`, applied through P v in O(M D)."""
+    sum_m c_m score_m * t_sigma; all still to be divided by M sigma.
+
+    With `moment` (the covariance control variate), g_m is the corrected score of
+    `_covariance_scores`, applied through P v in O(M D): `rp_u` = r P u is given, and
+    the transposed sum still lacks - r P w, with w = sum_m g_m <c_m, t>, the fourth
+    value (None otherwise); see `_jacobian_tangent`."""
     zeros = jnp.zeros((c.shape[0], c.shape[-1]), c.dtype)
     plain = trans = by_sigma = zeros
+    w = None
     if t is not None:
-        if moment is None:
-            plain = jnp.einsum("bmo,bm->bo", c, jnp.einsum("bmd,bd->bm", gs, u))
-        else:  # <g'_m, u> = (1 + k_m) <g_m, u> - r <g_m, P u>
-            r = _covariance_ratio(cfg, gs.shape[1])
-            s = moment * jnp.einsum("bmd,bd->bm", gs, u)
-            s = s - r * jnp.einsum("bmd,bd->bm", gs, _apply_p(gs, u))
-            plain = jnp.einsum("bmo,bm->bo", c, s)
+        s = jnp.einsum("bmd,bd->bm", gs, u)
+        if moment is not None:  # <g'_m, u> = (1 + k_m) <g_m, u> - r <g_m, P u>
+            s = moment * s - jnp.einsum("bmd,bd->bm", gs, rp_u)
+        plain = jnp.einsum("bmo,bm->bo", c, s)
         if transposed:
             ct = jnp.einsum("bmo,bo->bm", c, t)
             if moment is None:
                 trans = jnp.einsum("bmd,bm->bd", gs, ct)
-            else:  # sum_m g'_m <c_m, t>
-                r = _covariance_ratio(cfg, gs.shape[1])
+            else:  # sum_m (1 + k_m) g_m <c_m, t>, and w
                 trans = jnp.einsum("bmd,bm->bd", gs, moment * ct)
-                trans = trans - r * _apply_p(gs, jnp.einsum("bmd,bm->bd", gs, ct))
+                w = jnp.einsum("bmd,bm->bd", gs, ct)
     if t_sigma is not None:
         # d log density(theta~_m) / d sigma, times sigma
         score = jnp.einsum("bmd,bmd->bm", gn, _flat(z)) - gn.shape[-1]
         if cfg.perturbation == "multiplicative":
             score = score - sigma * jnp.sum(gn, axis=-1)
         by_sigma = t_sigma * jnp.einsum("bmo,bm->bo", c, score)
-    return plain, trans, by_sigma
+    return plain, trans, by_sigma, w
 
 
-def _jacobian_tangent(sums, alpha) -> Array:
-    """d y_eps (times M sigma) from the sums of `_jacobian_sums`."""
-    plain, trans, by_sigma = sums
+def _jacobian_tangent(cfg: _Config, m: int, sums_of, alpha, u, apply_p=None) -> Array:
+    """d y_eps (times M sigma): `sums_of(rp_u)` gives the sums of `_jacobian_sums`
+    over the m samples. With the covariance control variate (`apply_p`: v -> P v, over
+    the same samples), P is applied to u before and to the transposed sum after."""
+    rp_u = r = None
+    if apply_p is not None and u is not None:
+        r = _covariance_weights(cfg, m, u.shape[-1])[1]
+        rp_u = r * apply_p(u)
+    plain, trans, by_sigma, w = sums_of(rp_u)
+    if w is not None:
+        trans = trans - r * apply_p(w)
     if alpha is not None:
         plain = alpha * plain + (1 - alpha) * trans
     return plain + by_sigma
@@ -402,10 +426,11 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
     if t_theta is not None:
         t = t_theta.reshape(b, d)
         u = t / theta.reshape(b, d) if multiplicative else t
-    sums = _jacobian_sums(
-        cfg, sigma, z, c, gn, gs, u, t, t_sigma, terms.alpha is not None, terms.moment
+    sums_of = lambda rp_u: _jacobian_sums(
+        cfg, sigma, z, c, gn, gs, u, t, t_sigma, terms.alpha is not None, terms.moment, rp_u
     )
-    d_y = _jacobian_tangent(sums, terms.alpha) / (m * sigma)
+    apply_p = None if terms.moment is None else (lambda v: _apply_p(gs, v))
+    d_y = _jacobian_tangent(cfg, m, sums_of, terms.alpha, u, apply_p) / (m * sigma)
     d_f = jnp.zeros((b,), theta.dtype)
     if same_shape:
         g_theta, g_sigma = _max_grad_sums(cfg, sigma, z, perturbed, y)
@@ -518,7 +543,9 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
     The solutions are kept (one array of all samples: the Jacobian estimator's
     residual under reverse mode); the noise and its scores are drawn again chunk by
     chunk in the tangent pass (`jax.checkpoint`: also in the backward pass), so
-    nothing else of size M is held, and the solver still runs once per sample.
+    nothing else of size M is held, and the solver still runs once per sample. What
+    needs all samples first (the symmetrisation weights, the scores' moments of the
+    regression and covariance control variates) takes its own pass over the chunks.
     """
     theta, sigma, key = primals
     t_theta, t_sigma, _ = tangents
@@ -527,51 +554,78 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
     d_f = _max_tangent(g_theta, g_sigma, t_theta, t_sigma)
     b, event = theta.shape[0], theta.shape[1:]
     d, m = math.prod(event), cfg.num_samples
-    pairs, c, _ = _chunking(cfg, b)
+    pairs, c, num_chunks = _chunking(cfg, b)
     multiplicative = cfg.perturbation == "multiplicative"
-    ys = ys.reshape(ys.shape[0], b, pairs * c, d)
+    ys = ys.reshape(num_chunks, b, pairs * c, d)
+    chunks = jnp.arange(num_chunks)
     y_sum = y_eps.reshape(b, d) * m
     y_plain = None
     if cfg.control_variate == "unperturbed" and not cfg.antithetic:
         y_plain = solve_batch(cfg.solver, theta).astype(theta.dtype)
     centre = _centring(cfg, m, y_sum, y_plain)
-    alpha = None
-    if _symmetrised(cfg):
-        keep = jax.vmap(lambda j: _chunk_keep(cfg, j, c, theta.dtype))(jnp.arange(ys.shape[0]))
-        dev2 = keep[:, None, :, None] * (ys - y_sum[None, :, None] / m) ** 2
-        alpha = _symmetry_weights(jnp.sum(dev2, axis=(0, 2)) / m)  # (a fused reduction)
-    whiten = None
-    if cfg.control_variate == "regression" and m > 1:
-        # the scores' sample covariance, from a pass that only draws the noise
-        def moments(sums, j):
+
+    def noise_sums(f):
+        """sum over the chunks of f(scores (B, pairs*c, D), padding zeroed): a pass
+        that only draws the noise (recomputed, not stored, under reverse mode)."""
+        @jax.checkpoint
+        def step(acc, j):
             z, keep = _chunk_noise(cfg, theta, key, j, c)
             gn = _flat(cfg.noise.grad_nu(z)) * keep.reshape(1, -1, 1)
-            new = (jnp.sum(gn, axis=1), jnp.einsum("bmi,bmj->bij", gn, gn))
-            return jax.tree.map(jnp.add, sums, new), None
+            return jax.tree.map(jnp.add, acc, f(gn)), None
 
-        init = (jnp.zeros((b, d), theta.dtype), jnp.zeros((b, d, d), theta.dtype))
-        (g_sum, gg_sum), _ = jax.lax.scan(moments, init, jnp.arange(ys.shape[0]))
+        shapes = jax.eval_shape(f, jax.ShapeDtypeStruct((b, pairs * c, d), theta.dtype))
+        init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+        return jax.lax.scan(step, init, chunks)[0]
+
+    alpha = None
+    if _symmetrised(cfg):
+        def dev2(acc, x):  # a scan, so that no backend forms a second array of all y
+            j, y = x
+            keep = _chunk_keep(cfg, j, c, theta.dtype)[None, :, None]
+            return acc + jnp.sum(keep * (y - y_sum[:, None] / m) ** 2, axis=1), None
+
+        s2, _ = jax.lax.scan(dev2, jnp.zeros((b, d), theta.dtype), (chunks, ys))
+        alpha = _symmetry_weights(s2 / m)
+    whiten = None
+    if cfg.control_variate == "regression" and m > 1:
+        # the scores' sample covariance
+        g_sum, gg_sum = noise_sums(
+            lambda gn: (jnp.sum(gn, axis=1), jnp.einsum("bmi,bmj->bij", gn, gn))
+        )
         g_mean = g_sum / m
         cov = gg_sum / m - g_mean[:, :, None] * g_mean[:, None, :]
         whiten = _whitening_of(cov, _independent(cfg, m))
+    covariance = cfg.control_variate == "covariance" and _independent(cfg, m) > 1
+    apply_p = None
+    if covariance:
+        def apply_p(v):  # P v = mean_m g_m <g_m, v> - v
+            outer = lambda gn: jnp.einsum("bmd,bm->bd", gn, jnp.einsum("bmd,bd->bm", gn, v))
+            return noise_sums(outer) / m - v
+
     t = u = None
     if t_theta is not None:
         t = t_theta.reshape(b, d)
         u = t / theta.reshape(b, d) if multiplicative else t
 
-    @jax.checkpoint
-    def step(sums, x):
-        j, y = x
-        z, keep = _chunk_noise(cfg, theta, key, j, c)
-        cm = centre(y) * keep.reshape(1, -1, 1)
-        gn = _flat(cfg.noise.grad_nu(z))
-        gs = gn if whiten is None else jnp.einsum("bij,bmj->bmi", whiten, gn)
-        new = _jacobian_sums(cfg, sigma, z, cm, gn, gs, u, t, t_sigma, alpha is not None)
-        return jax.tree.map(jnp.add, sums, new), None
+    def sums_of(rp_u):
+        @jax.checkpoint
+        def step(acc, x):
+            j, y = x
+            z, keep = _chunk_noise(cfg, theta, key, j, c)
+            cm = centre(y) * keep.reshape(1, -1, 1)
+            gn = _flat(cfg.noise.grad_nu(z))
+            gs = gn if whiten is None else jnp.einsum("bij,bmj->bmi", whiten, gn)
+            moment = _moment(cfg, gn, m) if covariance else None
+            new = _jacobian_sums(
+                cfg, sigma, z, cm, gn, gs, u, t, t_sigma, alpha is not None, moment, rp_u
+            )
+            return jax.tree.map(jnp.add, acc, new), None
 
-    zeros = jnp.zeros((b, d), theta.dtype)
-    sums, _ = jax.lax.scan(step, (zeros,) * 3, (jnp.arange(ys.shape[0]), ys))
-    d_y = _jacobian_tangent(sums, alpha) / (m * sigma)
+        zeros = jnp.zeros((b, d), theta.dtype)
+        w0 = zeros if covariance and t is not None and alpha is not None else None
+        return jax.lax.scan(step, (zeros, zeros, zeros, w0), (chunks, ys))[0]
+
+    d_y = _jacobian_tangent(cfg, m, sums_of, alpha, u, apply_p) / (m * sigma)
     return (y_eps, f_eps), (d_y.reshape(y_eps.shape), d_f)
 
 
@@ -828,7 +882,7 @@ class PerturbedOptimizer(eqx.Module):
     sigma: int | float | Array = 1.0
     num_samples: int = eqx.field(default=100, static=True)
     perturbation: Perturbation = eqx.field(default="additive", static=True)
-    control_variate: ControlVariate = eqx.field(default="leave_one_out", static=True)
+    control_variate: ControlVariate = eqx.field(default="auto", static=True)
     antithetic: bool = eqx.field(default=False, static=True)
     chunk_size: int | None = eqx.field(default=None, static=True)
     mesh: jax.sharding.Mesh | None = eqx.field(default=None, static=True)
@@ -919,6 +973,19 @@ class PerturbedOptimizer(eqx.Module):
             )
         check_mesh(self.mesh, self.mesh_axes, "PerturbedOptimizer")
 
+    @property
+    def _resolved_control_variate(self) -> str:
+        """The control variate that `control_variate="auto"` stands for:
+        `"covariance"` with `Normal` noise and independent draws, where it had the
+        lowest error of the unbiased options in every case we measured, and
+        `"leave_one_out"` otherwise (with `Gumbel` noise, whose heavy-tailed scores
+        make the covariance correction noisier). Any other value is returned as is."""
+        if self.control_variate != "auto":
+            return self.control_variate
+        if type(self.noise) is Normal and not self.orthogonal:
+            return "covariance"
+        return "leave_one_out"
+
     def _setup(self, theta, key, who: str):
         """Validate the inputs (at trace time); flatten the batch; build the config."""
         ndim = _check_theta(theta, self.solver.event_ndim, who)
@@ -954,7 +1021,7 @@ class PerturbedOptimizer(eqx.Module):
             num_samples=self.num_samples,
             event_ndim=ndim,
             perturbation=self.perturbation,
-            control_variate=self.control_variate,
+            control_variate=self._resolved_control_variate,
             antithetic=self.antithetic,
             chunk_size=self.chunk_size,
             mesh=self.mesh,
@@ -967,10 +1034,7 @@ class PerturbedOptimizer(eqx.Module):
 
     def _run(self, theta, key, who: str):
         flat, sigma, cfg, batch_shape = self._setup(theta, key, who)
-        # (the covariance control variate needs all samples' scores at once)
-        streams = cfg.control_variate != "covariance" and _streams(
-            cfg, key, flat.shape[0], math.prod(flat.shape[1:])
-        )
+        streams = _streams(cfg, key, flat.shape[0], math.prod(flat.shape[1:]))
         kernel = _jit_streamed_kernel if streams else _jit_kernel
         y_eps, f_eps = kernel(flat, sigma, key, cfg=cfg)
         return y_eps.reshape(theta.shape), f_eps.reshape(batch_shape)

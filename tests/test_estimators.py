@@ -518,7 +518,7 @@ def test_orthogonal_lowers_the_variance_and_is_unbiased():
     jacs = {}
     for orthogonal in (False, True):
         opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), 0.5, 100,
-                                    orthogonal=orthogonal)
+                                    control_variate="leave_one_out", orthogonal=orthogonal)
         jacs[orthogonal] = _repeat_jacobians(opt, theta, reps, seed=1)
     iid, orth = jacs[False], jacs[True]
     assert orth.var(0).sum() < 0.35 * iid.var(0).sum()
