@@ -1,7 +1,7 @@
 """Gradient estimators: structpert against jaxopt.perturbations and optax.perturbations.
 
 Three parts, all peers measured side by side in one run, in float32 as users run them
-(and two more on structpert alone: `bias`, of its estimators, and `memory`):
+(and three more on structpert alone: `bias`, of its estimators, `fewsamples` and `memory`):
 
 1. **Gradient mean squared error at equal solver calls.** Solver calls are counted,
    not assumed: a `jax.pure_callback` solver counts the instances each library solves
@@ -24,7 +24,8 @@ Three parts, all peers measured side by side in one run, in float32 as users run
    ranks), with jaxopt, with `structpert.perturbations` as a drop-in (same `ranking`
    function, a double argsort) and with `sp.Permutahedron` (one sort); also at
    n = 100, M = 1000.
-4. **Memory** (structpert only) of the layer, of a gradient step of a loss on y_eps
+4. **Few samples** (structpert only): the control variates at M <= 2d.
+5. **Memory** (structpert only) of the layer, of a gradient step of a loss on y_eps
    and of the Fenchel-Young gradient step, with and without `chunk_size` (streamed
    sums), from XLA's accounting of the compiled steps.
 
@@ -35,7 +36,8 @@ Run it with
     python benchmarks/estimators.py                  # everything (about 10 minutes)
     python benchmarks/estimators.py --quick          # smaller reference, fewer repeats
     python benchmarks/estimators.py --parts timing   # one part (calls, mse, bias,
-                                                     # timing, pipeline, memory)
+                                                     # fewsamples, timing, pipeline,
+                                                     # memory)
     python benchmarks/estimators.py --parts mse --only n=6 --keys 4000
                                                      # some problems, more keys
 """
@@ -121,7 +123,7 @@ def count_calls(m=10, d=5):
     ours = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m)
     ours_u = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m, control_variate="unperturbed")
     ours_r = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m, control_variate="regression")
-    ours_c = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m, control_variate="covariance")
+    ours_l = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m, control_variate="leave_one_out")
     ours_o = sp.PerturbedOptimizer(fs, sp.Normal(), 0.5, m, orthogonal=True)
     cases = {
         "jaxopt argmax": lambda t: sq(jo(t, key)),
@@ -129,10 +131,10 @@ def count_calls(m=10, d=5):
         "jaxopt max (FY)": lambda t: jo_max(t, key) - t @ y,
         "optax fun": lambda t: sq(ox(key, t)),
         "optax max (FY)": lambda t: ox_max(key, t) - t @ y,
-        "structpert argmax": lambda t: sq(ours(t, key=key)),
+        "structpert argmax (default: covariance)": lambda t: sq(ours(t, key=key)),
+        "structpert argmax, leave_one_out": lambda t: sq(ours_l(t, key=key)),
         "structpert argmax, unperturbed": lambda t: sq(ours_u(t, key=key)),
         "structpert argmax, regression": lambda t: sq(ours_r(t, key=key)),
-        "structpert argmax, covariance": lambda t: sq(ours_c(t, key=key)),
         "structpert argmax, orthogonal": lambda t: sq(ours_o(t, key=key)),
         "structpert FY": lambda t: sp.FenchelYoungLoss(ours)(t, y, key=key),
     }
@@ -194,11 +196,13 @@ def gradient_mse(problem, budget, reps, n_ref):
         "sp, no cv": ours(control_variate="none"),
     }
     layers["sp, regression"] = ours(control_variate="regression")
-    layers["sp, covariance"] = ours(control_variate="covariance")
+    # the default is "covariance" with Normal noise, "leave_one_out" with Gumbel
+    if not symmetric:
+        layers["sp, covariance"] = ours(control_variate="covariance")
     if symmetric:
+        layers["sp, leave-one-out"] = ours(control_variate="leave_one_out")
         layers["sp, antithetic"] = ours(antithetic=True)
         layers["sp, regr. + antithetic"] = ours(control_variate="regression", antithetic=True)
-        layers["sp, cov. + antithetic"] = ours(control_variate="covariance", antithetic=True)
         layers["sp, orthogonal"] = ours(orthogonal=True)
         layers["sp, orth. + regression"] = ours(orthogonal=True, control_variate="regression")
         layers["sp, orth. + regr. + anti."] = ours(
@@ -374,6 +378,51 @@ def bias(reps=400, n_ref=1_000_000, cases=((20, 50), (20, 200), (100, 200), (100
 # Part 2: time per value_and_grad step
 
 
+def few_samples(keys=200, n_ref=200_000):
+    """The control variates at fewer samples than dimensions (M <= 2d), where the
+    scores' second moment is poorly known: MSE of the gradient of a squared loss on
+    y_eps, as a ratio to leave-one-out's (structpert only; Normal noise, eps = 0.5,
+    one random instance each, reference from n_ref samples)."""
+    cases = [
+        ("ranking", ranking, sp.Permutahedron(), 100, 20),
+        ("top-10", make_topk(10), sp.TopK(10), 100, 20),
+        ("ranking", ranking, sp.Permutahedron(), 100, 200),
+        ("top-10", make_topk(10), sp.TopK(10), 100, 200),
+        ("ranking", ranking, sp.Permutahedron(), 400, 50),
+        ("ranking", ranking, sp.Permutahedron(), 400, 200),
+    ]
+    options = {
+        "covariance (default)": {"control_variate": "covariance"},
+        "regression": {"control_variate": "regression"},
+        "orthogonal": {"orthogonal": True},
+    }
+    print("\nFew samples: gradient MSE of a squared loss on y_eps, ratio to leave-one-out,")
+    print(f"Normal noise, eps 0.5, {keys} keys, reference from {n_ref} samples")
+    print(f"{'problem':10s} {'d':>4s} {'M':>4s} {'leave-one-out MSE':>18s} "
+          + " ".join(f"{name:>21s}" for name in options))
+    rows = []
+    for name, fn, solver, d, m in cases:
+        rng = np.random.default_rng(0)
+        theta = jnp.asarray(rng.normal(size=d), F32)
+        target = jnp.asarray(rng.normal(size=d), F32)
+        p, jac = reference(fn, sp.Normal(), theta, 0.5, n_ref)
+        ref = 2 * jac.T @ (p - np.asarray(target))
+        ks = jax.random.split(jax.random.key(100), keys)
+
+        def mse(**kw):
+            opt = sp.PerturbedOptimizer(solver, sp.Normal(), 0.5, m, **kw)
+            grad = jax.grad(lambda t, k: jnp.sum((opt(t, key=k) - target) ** 2))
+            g = jax.jit(jax.vmap(grad, in_axes=(None, 0)))(theta, ks)
+            return float(np.mean(np.sum((np.asarray(g, np.float64) - ref) ** 2, -1)))
+
+        base = mse(control_variate="leave_one_out")
+        ratios = {k: mse(**kw) / base for k, kw in options.items()}
+        print(f"{name:10s} {d:4d} {m:4d} {base:18.4g} "
+              + " ".join(f"{r:21.3f}" for r in ratios.values()), flush=True)
+        rows.append((name, d, m, base, ratios))
+    return rows
+
+
 def interleaved_best(fns, repeats):
     """Minimum seconds of each zero-argument function, timed in turns so that all see
     the same background load."""
@@ -421,10 +470,12 @@ def timing(d=100, m=1000, repeats=20, batch=1):
             "sp regression": sp.PerturbedOptimizer(
                 solver, sp_noise, eps, m, control_variate="regression"
             ),
-            "sp covariance": sp.PerturbedOptimizer(
-                solver, sp_noise, eps, m, control_variate="covariance"
-            ),
         }
+        # the control variate that is not the default for this noise
+        other = "leave_one_out" if noise_name == "normal" else "covariance"
+        layers[f"sp {other}"] = sp.PerturbedOptimizer(
+            solver, sp_noise, eps, m, control_variate=other
+        )
         if noise_name == "normal":
             layers["sp orthogonal"] = sp.PerturbedOptimizer(
                 solver, sp_noise, eps, m, orthogonal=True
@@ -476,14 +527,15 @@ def timing(d=100, m=1000, repeats=20, batch=1):
     )
     print("taken in turns. bare = the vmapped solver on M given perturbed inputs;")
     print("floor = drawing the noise + perturbing + solving + averaging (what any method must do).")
-    print("structpert's rows use its solver class (the default estimator, and")
-    print('control_variate="regression" and "covariance", and orthogonal=True for Normal')
-    print("noise); the other rows use the same function")
+    print("structpert's rows use its solver class (the default estimator, whose control")
+    print('variate is "covariance" with Normal noise and "leave_one_out" with Gumbel; the')
+    print('other of the two; "regression"; and orthogonal=True for Normal noise); the')
+    print("other rows use the same function")
     print("(jnp one_hot/argmax, the notebook's double-argsort ranking, lax.top_k).")
     for row in rows:
         print(f"\n{row['case']}")
         for lib, base in (("structpert", "structpert"), ("sp regression", "structpert"),
-                          ("sp covariance", "structpert"),
+                          ("sp covariance", "structpert"), ("sp leave_one_out", "structpert"),
                           ("sp orthogonal", "structpert"), ("sp FunctionSolver", "fn"),
                           ("jaxopt", "fn"), ("optax", "fn")):
             if (lib, "loss") not in row:
@@ -604,7 +656,7 @@ def memory(b=4, m=2000, d=500, chunk=400, repeats=5):
 def main(
     quick: bool = False,
     budget: int = 200,
-    parts=("calls", "mse", "bias", "timing", "pipeline", "memory"),
+    parts=("calls", "mse", "bias", "fewsamples", "timing", "pipeline", "memory"),
     only: str = "",
     keys: int = 0,
 ):
@@ -629,6 +681,8 @@ def main(
         print_mse_tables(out["mse"], budget)
     if "bias" in parts:
         out["bias"] = bias(reps=100 if quick else 400, n_ref=200_000 if quick else 1_000_000)
+    if "fewsamples" in parts:
+        out["fewsamples"] = few_samples(keys=100 if quick else 200)
     repeats = 5 if quick else 20
     if "timing" in parts:
         out["timing"] = timing(repeats=repeats)
@@ -647,8 +701,8 @@ if __name__ == "__main__":
     parser.add_argument("--budget", type=int, default=200, help="solver calls per gradient")
     parser.add_argument(
         "--parts",
-        default="calls,mse,bias,timing,pipeline,memory",
-        help="comma-separated subset of calls,mse,bias,timing,pipeline,memory",
+        default="calls,mse,bias,fewsamples,timing,pipeline,memory",
+        help="comma-separated subset of calls,mse,bias,fewsamples,timing,pipeline,memory",
     )
     parser.add_argument(
         "--only", default="", help='MSE part: problems whose name contains this, e.g. "n=6"'

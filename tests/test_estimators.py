@@ -161,25 +161,32 @@ def test_stats_match_layer_and_grad(kwargs):
         {"control_variate": "regression", "antithetic": True},
         {"orthogonal": True},
         {"orthogonal": True, "antithetic": True},
-        {"control_variate": "covariance"},
+        {"control_variate": "leave_one_out"},
+        {"_d": 40, "control_variate": "leave_one_out"},
+        {"_d": 40},
     ],
 )
 def test_stats_stderr_is_calibrated(kwargs):
     """Reported standard errors agree with the standard deviation of the estimates
     over 300 independent keys (to the sampling error of a standard deviation). With
-    orthogonal samples they come from the 12 (6 with pairs) full independent blocks."""
-    theta = jax.random.normal(jax.random.key(0), (8,))
-    v = jax.random.normal(jax.random.key(1), (8,))
+    orthogonal samples they come from the 12 (6 with pairs) full independent blocks.
+    The default with Normal noise is the covariance control variate, whose jackknife
+    standard error is conservative (ratios 0.73 to 0.89 measured at d = 8 and 40)."""
+    kwargs = dict(kwargs)
+    d = kwargs.pop("_d", 8)
+    theta = jax.random.normal(jax.random.key(0), (d,))
+    v = jax.random.normal(jax.random.key(1), (d,))
     opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), 0.5, 100, **kwargs)
     keys = jax.random.split(jax.random.key(2), 300)
     st = jax.jit(jax.vmap(lambda k: opt.stats(theta, key=k, cotangent=v)))(keys)
+    cov = opt._resolved_control_variate == "covariance"
     # from 6 or 12 independent blocks (orthogonal samples) the error is itself noisy
     value_lo, value_hi = (0.8, 1.25) if kwargs.get("orthogonal") else (0.85, 1.15)
     for est, err, lo, hi in (
         (st.y_eps, st.y_eps_stderr, value_lo, value_hi),
         (st.max, st.max_stderr, value_lo, value_hi),
         # the gradient's error treats the baseline and weights as fixed: looser
-        (st.vjp, st.vjp_stderr, 0.75, 1.3),
+        (st.vjp, st.vjp_stderr, 0.7 if cov else 0.75, 1.3),
     ):
         ratio = np.asarray(jnp.std(est, axis=0) / jnp.mean(err, axis=0))
         assert np.all((ratio > lo) & (ratio < hi)), ratio
@@ -227,7 +234,8 @@ def test_streamed_equals_unchunked(kwargs, chunk):
     samples chunk by chunk (a scan): chunks of 2 samples x 3 instances, the last one
     padded, or of 15 samples. Their values, gradients in theta and sigma, and the
     layer's forward-mode derivative equal the unchunked ones to rounding: the chunks
-    draw exactly the same noise."""
+    draw exactly the same noise. (With Normal noise the default control variate is
+    "covariance", whose P u and P w take their own passes over the chunks.)"""
     theta = jax.random.normal(jax.random.key(0), (3, 7)) + 2.0  # > 0: multiplicative
     y = jnp.eye(3, 7)
     key = jax.random.key(5)
@@ -404,6 +412,48 @@ def test_regression_and_covariance_lower_the_variance():
         assert jacs[cv].var(0).sum() < 0.5 * loo.var(0).sum(), cv
         tol = mc_tol(np.sqrt(jacs[cv].var(0) + loo.var(0)), reps) + 1e-12
         assert np.all(np.abs(jacs[cv].mean(0) - loo.mean(0)) <= tol), cv
+
+
+def test_covariance_with_fewer_samples_than_dimensions():
+    """With M = 8 samples of a 20-item ranking (d > M), the covariance control
+    variate's weight shrinks to n / (n + d) = 0.29: its total variance is still below
+    leave-one-out's (0.82 of it measured, same keys), where the unshrunk correction
+    was 2 to 9 times worse than leave-one-out in the benchmark's d >= M cases, and
+    the means agree within 5 standard errors (it stays unbiased)."""
+    theta = jax.random.normal(jax.random.key(0), (20,))
+    reps = 200
+    jacs = {}
+    for cv in ("leave_one_out", "covariance"):
+        opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), 0.5, 8,
+                                    control_variate=cv)
+        jacs[cv] = _repeat_jacobians(opt, theta, reps, seed=1)
+    loo, cov = jacs["leave_one_out"], jacs["covariance"]
+    assert cov.var(0).sum() < 0.95 * loo.var(0).sum()
+    tol = mc_tol(np.sqrt(cov.var(0) + loo.var(0)), reps) + 1e-12
+    assert np.all(np.abs(cov.mean(0) - loo.mean(0)) <= tol)
+
+
+def test_auto_control_variate():
+    """The default `control_variate="auto"` is "covariance" with Normal noise and
+    independent draws, and "leave_one_out" with Gumbel noise or orthogonal draws:
+    the same gradients for the same key, and different from the other choice."""
+    theta = jax.random.normal(jax.random.key(0), (2, 6))
+    v = jax.random.normal(jax.random.key(1), (2, 6))
+    key = jax.random.key(2)
+
+    def grad(**kw):
+        opt = sp.PerturbedOptimizer(sp.Permutahedron(), sigma=0.5, num_samples=20, **kw)
+        return np.asarray(jax.grad(lambda t: jnp.vdot(v, opt(t, key=key)))(theta))
+
+    for noise, orthogonal, chosen, other in (
+        (sp.Normal(), False, "covariance", "leave_one_out"),
+        (sp.Gumbel(), False, "leave_one_out", "covariance"),
+        (sp.Normal(), True, "leave_one_out", "none"),
+    ):
+        kw = {"noise": noise, "orthogonal": orthogonal}
+        default = grad(**kw)
+        np.testing.assert_allclose(default, grad(control_variate=chosen, **kw), rtol=1e-12)
+        assert not np.allclose(default, grad(control_variate=other, **kw), rtol=1e-3)
 
 
 def test_float32_gradient():
