@@ -33,7 +33,7 @@ Timings are the minimum over repeats (the machine is shared with other jobs).
 
 Run it with
 
-    python benchmarks/estimators.py                  # everything (about 10 minutes)
+    python benchmarks/estimators.py                  # everything (about 20 minutes)
     python benchmarks/estimators.py --quick          # smaller reference, fewer repeats
     python benchmarks/estimators.py --parts timing   # one part (calls, mse, bias,
                                                      # fewsamples, timing, pipeline,
