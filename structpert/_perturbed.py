@@ -389,7 +389,8 @@ def _jacobian_tangent(cfg: _Config, m: int, sums_of, alpha, u, apply_p=None) -> 
         r = _covariance_weights(cfg, m, u.shape[-1])[1]
         rp_u = r * apply_p(u)
     plain, trans, by_sigma, w = sums_of(rp_u)
-    if w is not None:
+    if w is not None:  # (only with the covariance control variate: apply_p is set)
+        assert apply_p is not None and r is not None
         trans = trans - r * apply_p(w)
     if alpha is not None:
         plain = alpha * plain + (1 - alpha) * trans
@@ -596,11 +597,12 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
         cov = gg_sum / m - g_mean[:, :, None] * g_mean[:, None, :]
         whiten = _whitening_of(cov, _independent(cfg, m))
     covariance = cfg.control_variate == "covariance" and _independent(cfg, m) > 1
-    apply_p = None
-    if covariance:
-        def apply_p(v):  # P v = mean_m g_m <g_m, v> - v
-            outer = lambda gn: jnp.einsum("bmd,bm->bd", gn, jnp.einsum("bmd,bd->bm", gn, v))
-            return noise_sums(outer) / m - v
+
+    def p_of(v):  # P v = mean_m g_m <g_m, v> - v
+        outer = lambda gn: jnp.einsum("bmd,bm->bd", gn, jnp.einsum("bmd,bd->bm", gn, v))
+        return noise_sums(outer) / m - v
+
+    apply_p = p_of if covariance else None
 
     t = u = None
     if t_theta is not None:
