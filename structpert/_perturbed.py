@@ -780,12 +780,13 @@ class MonteCarloStats(eqx.Module):
     - `vjp`: with a `cotangent` $v$, the estimated gradient
       $\\nabla_\\theta \\langle v, y_\\varepsilon(\\theta)\\rangle = J^\\top v$, exactly
       what `jax.grad` returns for the same key; `None` otherwise.
-    - `vjp_stderr`: its standard error per coordinate (treating the control variate
-      and the symmetrisation weights as fixed; with `control_variate="regression"`,
-      from the residuals of the least-squares fit; with `"covariance"`, the default
-      for `Normal` noise, a delete-a-group jackknife over 20 groups of samples,
-      which errs on the safe side: 1.06 to 1.37 times the spread over keys in our
-      checks); `None` without a `cotangent`.
+    - `vjp_stderr`: its standard error per coordinate; `None` without a
+      `cotangent`. With `control_variate="covariance"` (the default for `Normal`
+      noise) it is a delete-a-group jackknife over 20 groups of samples (the whole
+      estimate, weights included, recomputed without each group), which errs on the
+      safe side: 1.06 to 1.37 times the spread over keys in our checks. Otherwise
+      it treats the control variate and the symmetrisation weights as fixed (with
+      `"regression"`, from the residuals of the least-squares fit).
     """
 
     y_eps: Array
