@@ -685,10 +685,15 @@ def _stats(theta, sigma, key, cotangent, *, cfg: _Config):
         vjp_of = lambda z, y: _vjp_estimate(cfg, theta, sigma, z, y, y_plain, v)
         vjp, per, terms = vjp_of(z, y)
         vjp = vjp.reshape(theta.shape)
-        if terms.moment is not None and _independent(cfg, m) >= 3:
-            # the correction is a product of sample means, whose error the spread of
-            # `per` misses (up to 3 times too small): a jackknife, which counts it
-            # (and, as jackknives do, overstates it: 1.06 to 1.37 times in our checks)
+        n_eff = _independent(cfg, m)
+        # The covariance correction is a product of sample means, whose error the
+        # spread of `per` misses (up to 3 times too small); a regression on about as
+        # many samples as coefficients leaves too few residual degrees of freedom for
+        # the formula below (2.6 to 5 times too large at d = 97, M = 100 and d = 100,
+        # M = 20). Both take a jackknife, which counts what is missed (and, as
+        # jackknives do, overstates the error a little: 1.0 to 1.37 times in our checks).
+        regression_few = cfg.control_variate == "regression" and n_eff < 1.15 * (d + 1)
+        if n_eff >= 3 and (terms.moment is not None or (regression_few and not cfg.orthogonal)):
             vjp_err = _jackknife_stderr(cfg, m, lambda idx: vjp_of(z[:, idx], y[:, idx])[0])
         else:
             if cfg.control_variate == "regression":
@@ -700,7 +705,6 @@ def _stats(theta, sigma, key, cotangent, *, cfg: _Config):
                 resid = c - jnp.einsum("bod,bmd->bmo", coef, gn) / _score_scale(gn)
                 per = _vjp_terms(cfg, theta, sigma, resid, gs, *_split_cotangent(v, terms))
                 # residuals of a fit of d + 1 coefficients: the usual degrees of freedom
-                n_eff = _independent(cfg, m)
                 per = per * math.sqrt(n_eff / max(n_eff - d - 1, 1))
             vjp_err = _stderr(per, cfg, d)
         vjp_err = vjp_err.reshape(theta.shape)
@@ -785,7 +789,8 @@ class MonteCarloStats(eqx.Module):
       `cotangent`. With `control_variate="covariance"` (the default for `Normal`
       noise) it is a delete-a-group jackknife over 20 groups of samples (the whole
       estimate, weights included, recomputed without each group), which errs on the
-      safe side: 1.06 to 1.37 times the spread over keys in our checks. Otherwise
+      safe side: 1.06 to 1.37 times the spread over keys in our checks; so is it
+      with `"regression"` and fewer than $1.15(d+1)$ independent draws. Otherwise
       it treats the control variate and the symmetrisation weights as fixed (with
       `"regression"`, from the residuals of the least-squares fit).
     """

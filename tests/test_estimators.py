@@ -164,6 +164,7 @@ def test_stats_match_layer_and_grad(kwargs):
         {"control_variate": "leave_one_out"},
         {"_d": 40, "control_variate": "leave_one_out"},
         {"_d": 40},
+        {"_d": 95, "control_variate": "regression"},
     ],
 )
 def test_stats_stderr_is_calibrated(kwargs):
@@ -171,7 +172,8 @@ def test_stats_stderr_is_calibrated(kwargs):
     over 300 independent keys (to the sampling error of a standard deviation). With
     orthogonal samples they come from the 12 (6 with pairs) full independent blocks.
     The default with Normal noise is the covariance control variate, whose jackknife
-    standard error is conservative (ratios 0.73 to 0.89 measured at d = 8 and 40)."""
+    standard error is conservative (ratios 0.73 to 0.89 measured at d = 8 and 40), as
+    is the regression's at d = 95 (0.66 to 0.92 at d = 97)."""
     kwargs = dict(kwargs)
     d = kwargs.pop("_d", 8)
     theta = jax.random.normal(jax.random.key(0), (d,))
@@ -179,14 +181,17 @@ def test_stats_stderr_is_calibrated(kwargs):
     opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), 0.5, 100, **kwargs)
     keys = jax.random.split(jax.random.key(2), 300)
     st = jax.jit(jax.vmap(lambda k: opt.stats(theta, key=k, cotangent=v)))(keys)
-    cov = opt._resolved_control_variate == "covariance"
+    # (a jackknife, conservative: the covariance control variate, and the regression
+    # with fewer than 1.15 samples per coefficient)
+    cv = opt._resolved_control_variate
+    jackknife = cv == "covariance" or (cv == "regression" and 100 < 1.15 * (d + 1))
     # from 6 or 12 independent blocks (orthogonal samples) the error is itself noisy
     value_lo, value_hi = (0.8, 1.25) if kwargs.get("orthogonal") else (0.85, 1.15)
     for est, err, lo, hi in (
         (st.y_eps, st.y_eps_stderr, value_lo, value_hi),
         (st.max, st.max_stderr, value_lo, value_hi),
         # the gradient's error treats the baseline and weights as fixed: looser
-        (st.vjp, st.vjp_stderr, 0.7 if cov else 0.75, 1.3),
+        (st.vjp, st.vjp_stderr, 0.6 if jackknife else 0.75, 1.3),
     ):
         ratio = np.asarray(jnp.std(est, axis=0) / jnp.mean(err, axis=0))
         assert np.all((ratio > lo) & (ratio < hi)), ratio
