@@ -265,12 +265,15 @@ def _moment(cfg: _Config, gn: Array, m: int) -> Array:
     return 1 + beta * (jnp.sum(gn**2, axis=-1) - 1) / (_independent(cfg, m) - 1)
 
 
-def _apply_p(gn: Array, v: Array, m: int | None = None) -> Array:
+def _outer_sum(gn: Array, v: Array) -> Array:
+    """sum_m g_m <g_m, v> (B, D) over a block of scores gn (B, k, D), in O(k D)."""
+    return jnp.einsum("bmd,bm->bd", gn, jnp.einsum("bmd,bd->bm", gn, v))
+
+
+def _apply_p(gn: Array, v: Array) -> Array:
     """P v (B, D) with P = mean_m g_m g_m^T - I, the scores' second moment minus its
-    expectation, without forming it: O(M D). With `m`, gn (B, k, D) is one block of
-    the m samples, and the result is only the block's part of m (P v + v)."""
-    outer = jnp.einsum("bmd,bm->bd", gn, jnp.einsum("bmd,bd->bm", gn, v))
-    return outer if m is not None else outer / gn.shape[1] - v
+    expectation, without forming it: O(M D)."""
+    return _outer_sum(gn, v) / gn.shape[1] - v
 
 
 def _covariance_scores(cfg: _Config, gn: Array, moment: Array) -> Array:
@@ -601,7 +604,7 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
     covariance = cfg.control_variate == "covariance" and _independent(cfg, m) > 1
 
     def p_of(v):  # P v, summed over the chunks
-        return noise_sums(lambda gn: _apply_p(gn, v, m)) / m - v
+        return noise_sums(lambda gn: _outer_sum(gn, v)) / m - v
 
     apply_p = p_of if covariance else None
 
