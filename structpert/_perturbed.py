@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._noise import AbstractNoise, Gumbel, Normal, orthogonal_normal
 from ._sharding import check_mesh, shard_solve
-from ._solvers.base import AbstractSolver, solve_batch
+from ._solvers.base import AbstractSolver, shift_invariant_axes, solve_batch
 from ._threefry import fast_threefry_key, is_partitionable_threefry, window_key
 
 
@@ -52,6 +52,9 @@ class _Config(eqx.Module):
     symmetric_jacobian: bool = eqx.field(default=False, static=True)
     # Normal noise drawn orthogonal in blocks (see `orthogonal_normal`).
     orthogonal: bool = eqx.field(default=False, static=True)
+    # Event axes along which the solution is shift-invariant (the solver's
+    # `shift_invariant_axes`), used by the Jacobian estimator (`_invariant_free`).
+    invariant_axes: tuple[int, ...] = eqx.field(default=(), static=True)
 
 
 def _draw_noise(
@@ -204,10 +207,38 @@ def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> 
     n_eff = _independent(cfg, m)
     if cfg.control_variate == "regression" and m > 1:
         scores = jnp.einsum("bij,bmj->bmi", _whitening(gn, n_eff), gn)
+    scores = _free_scores(cfg, scores, theta.shape[1:])
     moment = None
     if cfg.control_variate == "covariance" and n_eff > 1:
-        moment = _moment(cfg, gn, m)
+        moment = _moment(cfg, scores, m)
     return _Terms(centred, gn, scores, alpha, moment)
+
+
+def _invariant_free(cfg: _Config, x: Array, event_shape) -> Array:
+    """x (..., D) without its components along the directions in which the solver is
+    shift-invariant (`cfg.invariant_axes`): each axis centred in turn, the orthogonal
+    projection P onto what the solution can depend on. Applied to the scores with
+    Normal noise (`_free_scores`) and to the symmetrised tangent (`_jacobian_tangent`)."""
+    if not cfg.invariant_axes:
+        return x
+    y = x.reshape(*x.shape[:-1], *event_shape)
+    for axis in cfg.invariant_axes:
+        y = y - jnp.mean(y, axis=axis, keepdims=True)
+    return y.reshape(x.shape)
+
+
+def _free_scores(cfg: _Config, scores: Array, event_shape) -> Array:
+    """The scores (B, k, D) of the theta-derivative, projected by `_invariant_free`
+    with Normal noise.
+
+    With Normal noise Z = P Z + (I - P) Z, two independent parts, and y*(theta +
+    sigma Z) depends on P Z only, so E[(y - b) ((I - P) Z)^T] = 0: that part of the
+    score adds variance and nothing else (Rao-Blackwellisation), and dropping it
+    leaves an unbiased estimator of J = J P. With the covariance control variate,
+    whose correction is built from these scores, E[P Z Z^T P] = P replaces I: the
+    same formulas, as every P v it forms is taken against projected scores. Not with
+    Gumbel noise, whose component along the invariant directions depends on the rest."""
+    return _invariant_free(cfg, scores, event_shape) if type(cfg.noise) is Normal else scores
 
 
 def _centring(cfg: _Config, m: int, y_sum: Array, y_plain) -> Callable[[Array], Array]:
@@ -385,10 +416,17 @@ def _jacobian_sums(
     return plain, trans, by_sigma, w
 
 
-def _jacobian_tangent(cfg: _Config, m: int, sums_of, alpha, u, apply_p=None) -> Array:
+def _jacobian_tangent(
+    cfg: _Config, m: int, sums_of, alpha, u, event_shape, apply_p=None
+) -> Array:
     """d y_eps (times M sigma): `sums_of(rp_u)` gives the sums of `_jacobian_sums`
     over the m samples. With the covariance control variate (`apply_p`: v -> P v, over
-    the same samples), P is applied to u before and to the transposed sum after."""
+    the same samples), P is applied to u before and to the transposed sum after.
+
+    The symmetrised estimate is projected by `_invariant_free` too: for an exact argmax
+    J = J^T, so J P = J gives P J = J, and the per-row weights alpha would otherwise
+    put back a component that J does not have (a projection that contains the truth
+    only shortens the error)."""
     rp_u = r = None
     if apply_p is not None and u is not None:
         r = _covariance_weights(cfg, m, u.shape[-1])[1]
@@ -398,7 +436,7 @@ def _jacobian_tangent(cfg: _Config, m: int, sums_of, alpha, u, apply_p=None) -> 
         assert apply_p is not None and r is not None
         trans = trans - r * apply_p(w)
     if alpha is not None:
-        plain = alpha * plain + (1 - alpha) * trans
+        plain = _invariant_free(cfg, alpha * plain + (1 - alpha) * trans, event_shape)
     return plain + by_sigma
 
 
@@ -436,7 +474,8 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
         cfg, sigma, z, c, gn, gs, u, t, t_sigma, terms.alpha is not None, terms.moment, rp_u
     )
     apply_p = None if terms.moment is None else (lambda v: _apply_p(gs, v))
-    d_y = _jacobian_tangent(cfg, m, sums_of, terms.alpha, u, apply_p) / (m * sigma)
+    d_y = _jacobian_tangent(cfg, m, sums_of, terms.alpha, u, theta.shape[1:], apply_p)
+    d_y = d_y / (m * sigma)
     d_f = jnp.zeros((b,), theta.dtype)
     if same_shape:
         g_theta, g_sigma = _max_grad_sums(cfg, sigma, z, perturbed, y)
@@ -604,7 +643,7 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
     covariance = cfg.control_variate == "covariance" and _independent(cfg, m) > 1
 
     def p_of(v):  # P v, summed over the chunks
-        return noise_sums(lambda gn: _outer_sum(gn, v)) / m - v
+        return noise_sums(lambda gn: _outer_sum(_free_scores(cfg, gn, event), v)) / m - v
 
     apply_p = p_of if covariance else None
 
@@ -621,7 +660,8 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
             cm = centre(y) * keep.reshape(1, -1, 1)
             gn = _flat(cfg.noise.grad_nu(z))
             gs = gn if whiten is None else jnp.einsum("bij,bmj->bmi", whiten, gn)
-            moment = _moment(cfg, gn, m) if covariance else None
+            gs = _free_scores(cfg, gs, event)
+            moment = _moment(cfg, gs, m) if covariance else None
             new = _jacobian_sums(
                 cfg, sigma, z, cm, gn, gs, u, t, t_sigma, alpha is not None, moment, rp_u
             )
@@ -631,7 +671,7 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
         w0 = zeros if covariance and t is not None and alpha is not None else None
         return jax.lax.scan(step, (zeros, zeros, zeros, w0), (chunks, ys))[0]
 
-    d_y = _jacobian_tangent(cfg, m, sums_of, alpha, u, apply_p) / (m * sigma)
+    d_y = _jacobian_tangent(cfg, m, sums_of, alpha, u, event, apply_p) / (m * sigma)
     return (y_eps, f_eps), (d_y.reshape(y_eps.shape), d_f)
 
 
@@ -732,6 +772,8 @@ def _vjp_estimate(cfg: _Config, theta, sigma, z, y, y_plain, v):
     """J^T v (B, D) from the samples z, y (B, k, ...), as jax.grad computes it; also
     its per-sample terms (B, k, D) and the estimator's terms."""
     terms = _jacobian_terms(cfg, theta, z, y, y_plain)
+    if terms.alpha is not None:  # the projected symmetrised estimate P J (transposed)
+        v = _invariant_free(cfg, v, theta.shape[1:])
     gs = terms.scores
     if terms.moment is not None:
         gs = _covariance_scores(cfg, gs, terms.moment)
@@ -1042,6 +1084,13 @@ class PerturbedOptimizer(eqx.Module):
             return "covariance"
         return "leave_one_out"
 
+    def _invariant_axes(self, event_shape) -> tuple[int, ...]:
+        """The solver's shift-invariant axes (`AbstractSolver`), for the Jacobian
+        estimator of the additive perturbation (see `_invariant_free`)."""
+        if self.perturbation != "additive":
+            return ()
+        return shift_invariant_axes(self.solver, event_shape)
+
     def _setup(self, theta, key, who: str):
         """Validate the inputs (at trace time); flatten the batch; build the config."""
         ndim = _check_theta(theta, self.solver.event_ndim, who)
@@ -1084,6 +1133,7 @@ class PerturbedOptimizer(eqx.Module):
             mesh_axes=self.mesh_axes,
             symmetric_jacobian=self.symmetric_jacobian,
             orthogonal=self.orthogonal,
+            invariant_axes=self._invariant_axes(event_shape),
         )
         flat = theta.reshape(-1, *event_shape)
         return flat, sigma, cfg, batch_shape

@@ -56,9 +56,11 @@ def test_jacobian_unbiased_simplex_gumbel():
         assert np.all(np.abs(jac.mean(0) - exact) <= tol), (name, (jac.mean(0) - exact) / tol)
     assert jacs["default"].var(0).sum() < 0.8 * jacs["plain"].var(0).sum()
     # symmetrisation keeps the diagonal (row i is a convex combination of row i of
-    # the estimate and of its transpose)
+    # the estimate and of its transpose); seen without the projection of the
+    # Simplex's shift invariance (see test_shift_invariant_matching_and_gumbel)
+    opt = sp.PerturbedOptimizer(_unshifted(sp.Simplex()), sp.Gumbel(), EPS5, 50)
     np.testing.assert_allclose(
-        np.diagonal(jacs["default"], axis1=1, axis2=2),
+        np.diagonal(_repeat_jacobians(opt, THETA5, reps), axis1=1, axis2=2),
         np.diagonal(jacs["plain"], axis1=1, axis2=2),
         rtol=1e-10,
     )
@@ -387,7 +389,8 @@ def test_solver_calls_per_gradient():
 def test_regression_is_the_least_squares_fit():
     """control_variate="regression": the leave-one-out estimate times W^-1, with W the
     sample covariance of the scores over its trace / d, shrunk toward the identity by
-    s = d / (d + 4M), written out here from the same noise and solutions."""
+    s = d / (d + 4M), then projected off the shift direction (`shift_invariant_axes`),
+    written out here from the same noise and solutions."""
     d, m, eps = 5, 40, 0.4
     theta = jax.random.normal(jax.random.key(0), (d,))
     key = jax.random.key(1)
@@ -400,7 +403,8 @@ def test_regression_is_the_least_squares_fit():
     cov = np.cov(z.T, bias=True)
     s = d / (d + 4 * m)
     w = (1 - s) * cov / (np.trace(cov) / d) + s * np.eye(d)
-    expected = (c.T @ z / m) @ np.linalg.inv(w) / eps
+    proj = np.eye(d) - 1 / d  # ranks are shift-invariant: scores without their mean
+    expected = (c.T @ z / m) @ np.linalg.inv(w) @ proj / eps
     np.testing.assert_allclose(jac, expected, rtol=1e-9, atol=1e-12)
 
 
@@ -440,6 +444,98 @@ def test_covariance_with_fewer_samples_than_dimensions():
     assert cov.var(0).sum() < 0.95 * loo.var(0).sum()
     tol = mc_tol(np.sqrt(cov.var(0) + loo.var(0)), reps) + 1e-12
     assert np.all(np.abs(cov.mean(0) - loo.mean(0)) <= tol)
+
+
+def _ranking_jacobian(theta, eps):
+    """The exact Jacobian of E[ranks(theta + eps Z)] for Normal noise: rank i counts
+    the j with theta_i + eps Z_i > theta_j + eps Z_j, of probability Phi(u_ij), u_ij =
+    (theta_i - theta_j) / (eps sqrt 2)."""
+    theta = np.asarray(theta, np.float64)
+    scale = eps * np.sqrt(2)
+    dens = norm.pdf((theta[:, None] - theta[None, :]) / scale) / scale
+    np.fill_diagonal(dens, 0)
+    return np.diag(dens.sum(1)) - dens
+
+
+def _unshifted(solver):
+    """The same solver without its `shift_invariant_axes` declaration."""
+    return sp.FunctionSolver(solver.argmax, event_ndim=solver.event_ndim)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"control_variate": "leave_one_out"}, {"antithetic": True}, {"orthogonal": True}],
+)
+def test_shift_invariant_ranking(kwargs):
+    """Ranks do not change when a constant is added to theta (the Permutahedron
+    declares axis -1), so with Normal noise the estimator drops the noise's mean
+    component: each estimate has J 1 = 1^T J = 0 exactly (as the true Jacobian), the
+    mean matches the closed-form Jacobian within 5 standard errors, and the total
+    variance is below that of the same solver without the declaration (same keys;
+    0.83 of it measured for the default, 0.91 for leave-one-out)."""
+    theta = jnp.array([0.3, -0.4, 0.1, 0.9, -0.2, 0.5])
+    eps, reps = 0.5, 200
+    opt = lambda solver: sp.PerturbedOptimizer(solver, sp.Normal(), eps, 40, **kwargs)
+    jac = _repeat_jacobians(opt(sp.Permutahedron()), theta, reps)
+    plain = _repeat_jacobians(opt(_unshifted(sp.Permutahedron())), theta, reps)
+    assert np.abs(jac.sum(axis=2)).max() < 1e-5 and np.abs(jac.sum(axis=1)).max() < 1e-5
+    assert np.abs(plain.sum(axis=2)).max() > 0.1
+    exact = _ranking_jacobian(theta, eps)
+    assert np.all(np.abs(jac.mean(0) - exact) <= mc_tol(jac.std(0), reps) + 1e-9)
+    assert jac.var(0).sum() < 0.97 * plain.var(0).sum()
+
+
+def test_shift_invariant_matching_and_gumbel():
+    """Square assignments are invariant to adding constants to rows and to columns
+    (9 of the 16 directions of a 4 x 4 instance are left): with Normal noise the
+    default's total variance is 0.53 of the undeclared solver's (same keys), with
+    means within 5 standard errors. A rectangular one is invariant along rows only:
+    the estimate maps a row-constant tangent to zero, not a column-constant one. With
+    Gumbel noise (not independent along those directions) only the symmetrised
+    estimate's output is projected: 1^T J = 0, and a lower MSE against the exact
+    softmax Jacobian on the notebook's simplex (0.92 of it measured)."""
+    eps, reps = 0.5, 200
+    theta = jax.random.normal(jax.random.key(0), (4, 4))
+    opt = lambda solver: sp.PerturbedOptimizer(solver, sp.Normal(), eps, 40)
+    jac = _repeat_jacobians(opt(sp.BipartiteMatching()), theta, reps).reshape(reps, 16, 16)
+    plain = _repeat_jacobians(opt(_unshifted(sp.BipartiteMatching())), theta, reps)
+    plain = plain.reshape(reps, 16, 16)
+    assert jac.var(0).sum() < 0.7 * plain.var(0).sum()
+    tol = mc_tol(np.sqrt(jac.var(0) + plain.var(0)), reps) + 1e-9
+    assert np.all(np.abs(jac.mean(0) - plain.mean(0)) <= tol)
+
+    theta = jax.random.normal(jax.random.key(1), (3, 5))
+    layer = opt(sp.BipartiteMatching())
+    _, row_shift = jax.jvp(lambda t: layer(t, key=jax.random.key(2)), (theta,),
+                           (jnp.ones((3, 5)) * jnp.arange(3.0)[:, None],))
+    _, col_shift = jax.jvp(lambda t: layer(t, key=jax.random.key(2)), (theta,),
+                           (jnp.ones((3, 5)) * jnp.arange(5.0)[None, :],))
+    assert np.abs(row_shift).max() < 1e-5 and np.abs(col_shift).max() > 0.1
+
+    opt = lambda solver: sp.PerturbedOptimizer(solver, sp.Gumbel(), EPS5, 50)
+    jac = _repeat_jacobians(opt(sp.Simplex()), THETA5, 400)
+    plain = _repeat_jacobians(opt(_unshifted(sp.Simplex())), THETA5, 400)
+    assert np.abs(jac.sum(axis=1)).max() < 1e-5 and np.abs(jac.sum(axis=2)).max() > 0.1
+    exact = _softmax_jacobian(THETA5, EPS5)
+    mse = lambda j: np.sum((j - exact) ** 2, axis=(1, 2)).mean()
+    assert mse(jac) < 0.97 * mse(plain)
+
+
+def test_bad_shift_invariant_axes():
+    """A wrong declaration is refused with the solver's name and what is expected."""
+
+    class Bad(sp.AbstractSolver):
+        event_ndim: ClassVar[int] = 1
+
+        def argmax(self, theta):
+            return theta
+
+        def shift_invariant_axes(self, shape):
+            return (0,)
+
+    opt = sp.PerturbedOptimizer(Bad(), sp.Normal(), 0.5, 4)
+    with pytest.raises(ValueError, match=r"Bad\.shift_invariant_axes\(\(3,\)\).*negative"):
+        opt(jnp.zeros(3), key=jax.random.key(0))
 
 
 def test_auto_control_variate():

@@ -7,6 +7,7 @@ import pytest
 from helpers import brute_force_argmax, k_hot, permutations
 
 import structpert as sp
+from structpert._solvers.base import solve_batch
 
 
 def _instances(n, count, seed, ties):
@@ -63,3 +64,37 @@ def test_permutahedron_matches_double_argsort_on_large_inputs():
     theta = jax.random.normal(jax.random.key(0), (64, 200))
     ranks = jax.vmap(sp.Permutahedron().argmax)(theta)
     np.testing.assert_array_equal(ranks, jnp.argsort(jnp.argsort(theta, axis=-1), axis=-1))
+
+
+@pytest.mark.parametrize(
+    "solver, shape",
+    [
+        (sp.Simplex(), (6,)),
+        (sp.TopK(3), (6,)),
+        (sp.Permutahedron(), (6,)),
+        (sp.BipartiteMatching(), (4, 4)),
+        (sp.BipartiteMatching(), (3, 5)),
+    ],
+)
+def test_declared_shift_invariance_holds(solver, shape):
+    """What `shift_invariant_axes` declares (the layer's Jacobian estimator relies on
+    it): adding a constant to theta along each declared axis (a different constant
+    for each line) leaves the solution unchanged, and the solutions' sums along that
+    axis are the same for every instance; the rectangular matching's columns do not
+    qualify (their sums differ between instances)."""
+    declared = solver.shift_invariant_axes(shape)
+    expected = {(4, 4): (-2, -1), (3, 5): (-1,)}.get(shape, (-1,))
+    assert declared == expected
+    rng = np.random.default_rng(0)
+    thetas = jnp.asarray(rng.normal(size=(200, *shape)), jnp.float32)
+    solve = jax.jit(lambda t: solve_batch(solver, t))
+    ys = np.asarray(solve(thetas))
+    for axis in declared:
+        shift_shape = list((200, *shape))
+        shift_shape[axis] = 1
+        shifts = jnp.asarray(rng.normal(size=shift_shape) * 3, jnp.float32)
+        np.testing.assert_array_equal(np.asarray(solve(thetas + shifts)), ys)
+        sums = ys.sum(axis=axis)
+        np.testing.assert_array_equal(sums, np.broadcast_to(sums[:1], sums.shape))
+    if shape == (3, 5):
+        assert len(np.unique(ys.sum(axis=-2), axis=0)) > 1

@@ -24,6 +24,19 @@ class AbstractSolver(eqx.Module):
     Check static facts about the instance (shapes, sizes) in `argmax` and raise a
     `ValueError` that names the problem and the fix.
 
+    **Optional: `shift_invariant_axes(shape)`.** A solver whose solution does not
+    change when a constant is added to `theta` along some axes may say so by defining
+    this method: for an instance of shape `shape`, it returns those axes as negative
+    ints (`(-1,)`: adding $c$ to every entry of a vector, or $c_i$ to every entry of
+    row $i$ of a matrix). This holds for an exact argmax whenever every feasible $y$
+    has the same sums along the axis: a one-hot, a top-k, a permutation, the rows
+    (and, for square instances, the columns) of an assignment. With
+    [`structpert.Normal`][] noise the layer then drops the noise's component along
+    those directions from its Jacobian estimator, which the solution cannot depend
+    on: the same expectation, a lower variance, no extra cost (see the guide
+    "Gradient estimators"). A wrong claim biases the gradients, so a solver that does
+    not define it (the default) gets none of this.
+
     !!! Example
 
         ```python
@@ -71,6 +84,25 @@ class AbstractBatchedSolver(AbstractSolver):
 
     def argmax(self, theta: Float[Array, "*event"]) -> Array:
         return self.argmax_batch(theta[None])[0]
+
+
+def shift_invariant_axes(solver: AbstractSolver, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The axes (negative, sorted) that `solver` declares shift-invariant for an
+    instance of shape `shape` (see `AbstractSolver`); () when it declares none."""
+    declare = getattr(solver, "shift_invariant_axes", None)
+    if declare is None:
+        return ()
+    axes = tuple(declare(tuple(shape)))
+    ndim = len(shape)
+    if not all(isinstance(a, int) and -ndim <= a < 0 for a in axes) or len(set(axes)) != len(
+        axes
+    ):
+        raise ValueError(
+            f"{type(solver).__name__}.shift_invariant_axes({tuple(shape)}) returned "
+            f"{axes!r}; it must return distinct negative ints from -{ndim} to -1 (axes "
+            "of one instance, counted from the end)."
+        )
+    return tuple(sorted(axes))
 
 
 def solve_batch(solver: AbstractSolver, thetas: Array) -> Array:

@@ -367,6 +367,11 @@ class BipartiteMatching(AbstractBatchedSolver):
     auction_rounds: int = eqx.field(default=8, static=True)
     event_ndim: ClassVar[int] = 2
 
+    def shift_invariant_axes(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Every row is matched once, so adding a constant to a row of `theta` does not
+        change the matching: `(-1,)`; for square instances every column too: `(-2, -1)`."""
+        return (-2, -1) if shape[-2] == shape[-1] else (-1,)
+
     def __check_init__(self):
         if self.method not in _METHODS:
             raise ValueError(

@@ -27,6 +27,11 @@ class Permutahedron(AbstractSolver):
 
     event_ndim: ClassVar[int] = 1
 
+    def shift_invariant_axes(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """`(-1,)`: every solution has the same sum (n (n - 1) / 2), so adding a constant to
+        `theta` does not change it."""
+        return (-1,)
+
     def argmax(self, theta: Float[Array, " n"]) -> Float[Array, " n"]:
         n = theta.shape[-1]
         order = jnp.argsort(theta, stable=True)

@@ -32,6 +32,11 @@ class TopK(AbstractSolver):
     k: int = eqx.field(static=True)
     event_ndim: ClassVar[int] = 1
 
+    def shift_invariant_axes(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """`(-1,)`: every solution has the same sum (k), so adding a constant to
+        `theta` does not change it."""
+        return (-1,)
+
     def __check_init__(self):
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise ValueError(f"TopK: `k` must be a positive int, got {self.k!r}.")
