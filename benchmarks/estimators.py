@@ -8,8 +8,8 @@ Three parts, all peers measured side by side in one run, in float32 as users run
    under `jax.value_and_grad` (jaxopt solves 2M, optax M + 1, structpert M, or M + 1
    with the `"unperturbed"` control variate). Each library then gets the same budget
    of calls per gradient. Problems: the simplex with Gumbel noise (exact answer:
-   softmax, Jacobian (diag p - p p^T) / eps), ranking and top-k with Normal noise
-   (reference from 10^6 samples), several random instances each. Two gradients:
+   softmax, Jacobian (diag p - p p^T) / eps), ranking, top-k and a 5 x 5 assignment
+   with Normal noise (reference from 10^6 samples), several random instances each. Two gradients:
    the notebook's loss on the perturbed argmax, ||y_eps(theta) - y_target||^2 (goes
    through the Jacobian estimator), and the Fenchel-Young loss (exact gradient
    y_eps - y). Each MSE is the mean over independent keys of ||g_hat - g||^2.
@@ -67,6 +67,13 @@ def one_hot(x):
 
 def ranking(x):  # the notebook's ranking: a double argsort
     return jnp.argsort(jnp.argsort(x)).astype(x.dtype)
+
+
+ASSIGNMENT = sp.BipartiteMatching(method="jax")
+
+
+def make_assignment(n):  # an n x n assignment on flat vectors of n * n weights
+    return lambda x: ASSIGNMENT.argmax(x.reshape(n, n)).reshape(-1)
 
 
 def make_topk(k):
@@ -182,6 +189,7 @@ def gradient_mse(problem, budget, reps, n_ref):
     fn, sp_solver = problem["fn"], problem["solver"]
     sp_noise, jo_noise, ox_noise = NOISES[problem["noise"]]
     eps = problem["eps"]
+    shape = problem["shape"]  # structpert's layers take instances of this shape
     m_jo, m_ox = budget // 2, budget - 1  # jaxopt solves 2M, optax M + 1
     symmetric = problem["noise"] == "normal"
 
@@ -208,7 +216,10 @@ def gradient_mse(problem, budget, reps, n_ref):
         layers["sp, orth. + regr. + anti."] = ours(
             orthogonal=True, control_variate="regression", antithetic=True
         )
-    argmax_fns = {k: (lambda t, key, o=o: o(t, key=key)) for k, o in layers.items()}
+    argmax_fns = {
+        k: (lambda t, key, o=o: o(t.reshape(shape), key=key).reshape(-1))
+        for k, o in layers.items()
+    }
     jo_f = jp.make_perturbed_argmax(fn, m_jo, eps, jo_noise)
     jo_cv = jp.make_perturbed_argmax(fn, (budget - 1) // 2, eps, jo_noise, True)
     ox_f = op.make_perturbed_fun(fn, m_ox, eps, ox_noise)
@@ -228,7 +239,8 @@ def gradient_mse(problem, budget, reps, n_ref):
     jo_max = jp.make_perturbed_max(fn, m_jo, eps, jo_noise)
     ox_max = op.make_perturbed_fun(lambda t: jnp.sum(t * fn(t)), m_ox, eps, ox_noise)
     fy_fns = {
-        k: (lambda t, y, key, o=o: sp.FenchelYoungLoss(o)(t, y, key=key))
+        k: (lambda t, y, key, o=o: sp.FenchelYoungLoss(o)(t.reshape(shape), y.reshape(shape),
+                                                         key=key))
         for k, o in fy_layers.items()
     }
     fy_fns["jaxopt"] = lambda t, y, key: jo_max(t, key) - t @ y
@@ -277,7 +289,8 @@ def make_problems(quick):
             out.append(rng.normal(size=d))
         return out
 
-    def problem(name, fn, solver, noise, d, eps, first=None, exact=False, target=None):
+    def problem(name, fn, solver, noise, d, eps, first=None, exact=False, target=None,
+                shape=None):
         ths = thetas(d, first=first)
         return dict(
             name=name,
@@ -285,6 +298,7 @@ def make_problems(quick):
             solver=solver,
             noise=noise,
             d=d,
+            shape=shape or (d,),
             eps=eps,
             thetas=ths,
             shift=[rng.normal(size=d) for _ in ths],
@@ -306,6 +320,8 @@ def make_problems(quick):
                 100, 0.5, target=np.arange(100.0)),
         problem("top-10 n=100 eps=0.5 Normal", make_topk(10), sp.TopK(10), "normal", 100,
                 0.5, target=(np.arange(100) >= 90).astype(float)),
+        problem("assignment 5x5 eps=0.5 Normal", make_assignment(5), ASSIGNMENT, "normal",
+                25, 0.5, target=np.eye(5).reshape(-1), shape=(5, 5)),
     ]
     return problems
 

@@ -521,8 +521,21 @@ def test_shift_invariant_matching_and_gumbel():
     assert mse(jac) < 0.97 * mse(plain)
 
 
-def test_bad_shift_invariant_axes():
-    """A wrong declaration is refused with the solver's name and what is expected."""
+def test_declaring_shift_invariant_axes():
+    """A wrapped function declares it with `invariant_axes` (the same gradients as the
+    Permutahedron for the same ranks); wrong declarations are refused, naming the
+    solver and what is expected."""
+    theta = jax.random.normal(jax.random.key(0), (2, 6))
+    v = jax.random.normal(jax.random.key(1), (2, 6))
+
+    def grad(solver):
+        opt = sp.PerturbedOptimizer(solver, sp.Normal(), 0.5, 20)
+        return np.asarray(jax.grad(lambda t: jnp.vdot(v, opt(t, key=jax.random.key(2))))(theta))
+
+    ranks = sp.Permutahedron().argmax
+    declared = grad(sp.FunctionSolver(ranks, event_ndim=1, invariant_axes=(-1,)))
+    np.testing.assert_allclose(declared, grad(sp.Permutahedron()), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(declared, grad(sp.FunctionSolver(ranks, event_ndim=1)), atol=1e-3)
 
     class Bad(sp.AbstractSolver):
         event_ndim: ClassVar[int] = 1
@@ -536,6 +549,11 @@ def test_bad_shift_invariant_axes():
     opt = sp.PerturbedOptimizer(Bad(), sp.Normal(), 0.5, 4)
     with pytest.raises(ValueError, match=r"Bad\.shift_invariant_axes\(\(3,\)\).*negative"):
         opt(jnp.zeros(3), key=jax.random.key(0))
+    for bad in (-1, (0,), (-1, -1), (-3,)):
+        with pytest.raises(BAD_INPUT, match="invariant_axes|type"):
+            sp.FunctionSolver(ranks, event_ndim=2, invariant_axes=bad)  # type: ignore[arg-type]
+        with pytest.raises(BAD_INPUT, match="invariant_axes|type"):
+            sp.HostSolver(np.sort, event_ndim=2, invariant_axes=bad)  # type: ignore[arg-type]
 
 
 def test_auto_control_variate():

@@ -1,9 +1,8 @@
 """The examples run, every code block of the docs runs, and the API pages are complete.
 
-Conventions for ```python blocks in docs/*.md (documented here and in the lead's CI
-notes): each block is a self-contained script, run in a fresh namespace in the order
-of the page, with JAX's default configuration (float32). An HTML comment on the line
-just above a block changes that:
+Conventions for ```python blocks in docs/*.md: each block is a self-contained script,
+run in a fresh namespace in the order of the page, with JAX's default configuration
+(float32). An HTML comment on the line just above a block changes that:
 
 - `<!-- docs-test: continue -->`: run in the namespace of the previous block;
 - `<!-- docs-test: skip -->`: do not run (say why in the text);

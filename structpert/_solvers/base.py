@@ -120,21 +120,32 @@ class FunctionSolver(AbstractSolver):
     - `fn`: a pure JAX function solving one instance.
     - `event_ndim`: how many trailing axes of `theta` make one instance. `None` (the
       default) means all of them: `theta` is one instance with no batch axes.
+    - `invariant_axes`: the axes of an instance (negative ints) along which adding a
+      constant to `theta` never changes `fn`'s result, e.g. `(-1,)` for ranks; see
+      `shift_invariant_axes` on [`structpert.AbstractSolver`][]. Default `()`: none.
 
     !!! Example
 
         ```python
-        solver = sp.FunctionSolver(lambda t: jnp.argsort(jnp.argsort(t)), event_ndim=1)
+        solver = sp.FunctionSolver(lambda t: jnp.argsort(jnp.argsort(t)), event_ndim=1,
+                                   invariant_axes=(-1,))
         opt = sp.PerturbedOptimizer(solver, sigma=0.2)
         ```
     """
 
     fn: Callable[[Array], Array] = eqx.field(static=True)
     event_ndim: int | None = eqx.field(default=None, static=True)
+    invariant_axes: tuple[int, ...] = eqx.field(default=(), static=True)
 
-    def __init__(self, fn: Callable[[Array], Array], event_ndim: int | None = None):
+    def __init__(
+        self,
+        fn: Callable[[Array], Array],
+        event_ndim: int | None = None,
+        invariant_axes: tuple[int, ...] = (),
+    ):
         self.fn = fn
         self.event_ndim = event_ndim
+        self.invariant_axes = as_tuple(invariant_axes)
 
     def __check_init__(self):
         if not callable(self.fn):
@@ -149,9 +160,33 @@ class FunctionSolver(AbstractSolver):
                 f"FunctionSolver: `event_ndim` must be a non-negative int or None, "
                 f"got {self.event_ndim!r}."
             )
+        check_invariant_axes(self.invariant_axes, self.event_ndim, "FunctionSolver")
 
     def argmax(self, theta: Float[Array, "*event"]) -> Array:
         return self.fn(theta)
+
+    def shift_invariant_axes(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The `invariant_axes` given at construction."""
+        return self.invariant_axes
+
+
+def as_tuple(axes: Any) -> Any:
+    """A list or tuple of axes as a tuple (hashable, for a static field); anything
+    else as is, for `check_invariant_axes` to refuse."""
+    return tuple(axes) if isinstance(axes, list | tuple) else axes
+
+
+
+def check_invariant_axes(axes: Any, event_ndim: int | None, who: str) -> None:
+    """`invariant_axes` of a wrapper solver: distinct negative ints within the event."""
+    low = -event_ndim if event_ndim is not None else -(2**31)
+    if not isinstance(axes, tuple) or not all(
+        isinstance(a, int) and not isinstance(a, bool) and low <= a < 0 for a in axes
+    ) or len(set(axes)) != len(axes):
+        raise ValueError(
+            f"{who}: `invariant_axes` must be distinct negative ints naming axes of one "
+            f"instance (at least -{event_ndim}), e.g. (-1,); got {axes!r}."
+        )
 
 
 _REGISTRY: dict[str, Callable[..., AbstractSolver]] = {}

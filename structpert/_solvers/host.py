@@ -7,7 +7,7 @@ import jax
 import numpy as np
 from jaxtyping import Array, Float
 
-from .base import AbstractBatchedSolver
+from .base import AbstractBatchedSolver, as_tuple, check_invariant_axes
 
 
 class _HostCall:
@@ -71,6 +71,10 @@ class HostSolver(AbstractBatchedSolver):
     - `event_ndim`: how many trailing axes of `theta` make one instance (1 for a vector
       of item scores, 2 for a grid or a matrix).
     - `batched`: whether `fn` takes a whole stack (default `False`).
+    - `invariant_axes`: the axes of an instance (negative ints) along which adding a
+      constant to `theta` never changes `fn`'s result, e.g. `(-2, -1)` for a square
+      assignment; see `shift_invariant_axes` on [`structpert.AbstractSolver`][].
+      Default `()`: none.
 
     !!! Example
 
@@ -84,7 +88,7 @@ class HostSolver(AbstractBatchedSolver):
             y[rows, cols] = 1.0
             return y
 
-        solver = sp.HostSolver(assignment, event_ndim=2)
+        solver = sp.HostSolver(assignment, event_ndim=2, invariant_axes=(-2, -1))
         opt = sp.PerturbedOptimizer(solver, noise=sp.Normal(), sigma=0.5,
                                     num_samples=16)
         ```
@@ -93,11 +97,19 @@ class HostSolver(AbstractBatchedSolver):
     fn: Callable[..., object] = eqx.field(static=True)
     event_ndim: int = eqx.field(static=True)
     batched: bool = eqx.field(static=True)
+    invariant_axes: tuple[int, ...] = eqx.field(static=True)
 
-    def __init__(self, fn: Callable[..., object], event_ndim: int = 1, batched: bool = False):
+    def __init__(
+        self,
+        fn: Callable[..., object],
+        event_ndim: int = 1,
+        batched: bool = False,
+        invariant_axes: tuple[int, ...] = (),
+    ):
         self.fn = fn
         self.event_ndim = event_ndim
         self.batched = batched
+        self.invariant_axes = as_tuple(invariant_axes)
 
     def __check_init__(self):
         if not callable(self.fn):
@@ -116,6 +128,11 @@ class HostSolver(AbstractBatchedSolver):
             )
         if not isinstance(self.batched, bool):
             raise TypeError(f"HostSolver: `batched` must be True or False, got {self.batched!r}.")
+        check_invariant_axes(self.invariant_axes, self.event_ndim, "HostSolver")
+
+    def shift_invariant_axes(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The `invariant_axes` given at construction."""
+        return self.invariant_axes
 
     def argmax_batch(self, thetas: Float[Array, " N *event"]) -> Float[Array, " N *event"]:
         if thetas.ndim != self.event_ndim + 1:
