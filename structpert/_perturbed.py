@@ -882,10 +882,13 @@ class PerturbedOptimizer(eqx.Module):
     baseline $b_m$ (`control_variate`); as the true Jacobian is symmetric (it is the
     Hessian of $F_\\varepsilon$), it is combined with $\\hat J^\\top$, row $i$ weighted
     by $\\alpha_i = S/(S + d\\,s_i^2)$ ($s_i^2$ the sample variance of $y_i$, $S =
-    \\sum_j s_j^2$; `symmetric_jacobian`). The gradient of $F_\\varepsilon$ is the
-    pathwise mean of the solutions. [`structpert.PerturbedOptimizer.stats`][] gives
-    the standard errors of all these estimates. The guide "Gradient estimators"
-    compares the options with numbers.
+    \\sum_j s_j^2$; `symmetric_jacobian`). For a solver that declares
+    `shift_invariant_axes` (the built-in simplex, top-k, ranking and assignment), the
+    estimate is projected off those directions, and with `Normal` noise the scores
+    are too: unbiased, lower variance, no extra cost. The gradient of
+    $F_\\varepsilon$ is the pathwise mean of the solutions.
+    [`structpert.PerturbedOptimizer.stats`][] gives the standard errors of all these
+    estimates. The guide "Gradient estimators" compares the options with numbers.
 
     **Arguments:**
 
