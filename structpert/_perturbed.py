@@ -408,12 +408,28 @@ def _jacobian_sums(
                 trans = jnp.einsum("bmd,bm->bd", gs, moment * ct)
                 w = jnp.einsum("bmd,bm->bd", gs, ct)
     if t_sigma is not None:
-        # d log density(theta~_m) / d sigma, times sigma
-        score = jnp.einsum("bmd,bmd->bm", gn, _flat(z)) - gn.shape[-1]
-        if cfg.perturbation == "multiplicative":
-            score = score - sigma * jnp.sum(gn, axis=-1)
-        by_sigma = t_sigma * jnp.einsum("bmo,bm->bo", c, score)
+        by_sigma = t_sigma * jnp.einsum("bmo,bm->bo", c, _sigma_score(cfg, sigma, z, gn))
     return plain, trans, by_sigma, w
+
+
+def _sigma_score(cfg: _Config, sigma, z: Array, gn: Array) -> Array:
+    """sigma d log density(theta~_m) / d sigma (B, k) for the noise z (B, k, *event)
+    and its grad nu gn (B, k, D): <g, z> - D (additive).
+
+    With Normal noise (g = z) and a shift-invariant solver, |Z|^2 - D = (|P Z|^2 -
+    rank P) + (|(I - P) Z|^2 - (D - rank P)), and the second part is independent of
+    the solution and has mean zero: it is dropped, as from the scores (`_free_scores`)."""
+    zf = _flat(z)
+    if type(cfg.noise) is Normal and cfg.invariant_axes:
+        ndim = z.ndim - 2
+        rank = math.prod(
+            n - 1 if i - ndim in cfg.invariant_axes else n for i, n in enumerate(z.shape[2:])
+        )
+        return jnp.einsum("bmd,bmd->bm", _invariant_free(cfg, zf, z.shape[2:]), zf) - rank
+    score = jnp.einsum("bmd,bmd->bm", gn, zf) - gn.shape[-1]
+    if cfg.perturbation == "multiplicative":
+        score = score - sigma * jnp.sum(gn, axis=-1)
+    return score
 
 
 def _jacobian_tangent(

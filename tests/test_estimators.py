@@ -521,6 +521,31 @@ def test_shift_invariant_matching_and_gumbel():
     assert mse(jac) < 0.97 * mse(plain)
 
 
+def test_shift_invariant_sigma_derivative():
+    """The sigma-derivative's score |Z|^2 - d loses its part along the ignored
+    directions too (|P Z|^2 - rank P): for a 6-item ranking, the mean matches the
+    closed form d/d eps sum_ij v_i Phi((theta_i - theta_j) / (eps sqrt 2)) within 5
+    standard errors and the variance is below the undeclared solver's (0.84 of it
+    measured; 0.67 on a 4 x 4 assignment)."""
+    theta = jnp.array([0.3, -0.4, 0.1, 0.9, -0.2, 0.5])
+    v = jnp.arange(6.0)
+    eps, reps = 0.5, 400
+
+    def d_sigma(solver):
+        opt = sp.PerturbedOptimizer(solver, sp.Normal(), eps, 40)
+        f = lambda s, k: jnp.vdot(v, eqx_call(opt, theta, s, k))
+        keys = jax.random.split(jax.random.key(0), reps)
+        return np.asarray(jax.jit(jax.vmap(jax.grad(f), (None, 0)))(eps, keys), np.float64)
+
+    declared = d_sigma(sp.Permutahedron())
+    plain = d_sigma(_unshifted(sp.Permutahedron()))
+    diff = np.asarray(theta, np.float64)[:, None] - np.asarray(theta, np.float64)[None, :]
+    exact = np.asarray(v) @ (norm.pdf(diff / (eps * np.sqrt(2))) * -diff
+                             / (eps**2 * np.sqrt(2))).sum(1)
+    assert abs(declared.mean() - exact) <= mc_tol(declared.std(), reps)
+    assert declared.var() < 0.95 * plain.var()
+
+
 def test_declaring_shift_invariant_axes():
     """A wrapped function declares it with `invariant_axes` (the same gradients as the
     Permutahedron for the same ranks); wrong declarations are refused, naming the
