@@ -9,10 +9,10 @@ Three parts, all peers measured side by side in one run, in float32 as users run
    with the `"unperturbed"` control variate). Each library then gets the same budget
    of calls per gradient. Problems: the simplex with Gumbel noise (exact answer:
    softmax, Jacobian (diag p - p p^T) / eps), ranking, top-k and a 5 x 5 assignment
-   with Normal noise (reference from 10^6 samples), several random instances each. Two gradients:
-   the notebook's loss on the perturbed argmax, ||y_eps(theta) - y_target||^2 (goes
-   through the Jacobian estimator), and the Fenchel-Young loss (exact gradient
-   y_eps - y). Each MSE is the mean over independent keys of ||g_hat - g||^2.
+   with Normal noise (reference from 10^6 samples), several random instances each.
+   Two gradients: the notebook's loss on the perturbed argmax, ||y_eps(theta) -
+   y_target||^2 (goes through the Jacobian estimator), and the Fenchel-Young loss
+   (exact gradient y_eps - y). Each MSE is the mean over independent keys of ||g_hat - g||^2.
 2. **Time per `value_and_grad` step** at d = 100, M = 1000, against the floor: the
    bare vmapped solver on the same M perturbed inputs (given), and drawing the noise
    plus solving. Peers use the same solver function as structpert's

@@ -34,8 +34,9 @@ class AbstractSolver(eqx.Module):
     [`structpert.Normal`][] noise the layer then drops the noise's component along
     those directions from its Jacobian estimator, which the solution cannot depend
     on: the same expectation, a lower variance, no extra cost (see the guide
-    "Gradient estimators"). A wrong claim biases the gradients, so a solver that does
-    not define it (the default) gets none of this.
+    "Gradient estimators"; the estimate is also projected off those directions, with
+    any noise). A wrong claim biases the gradients, so a solver that does not define
+    it (the default) gets none of this.
 
     !!! Example
 
@@ -94,9 +95,7 @@ def shift_invariant_axes(solver: AbstractSolver, shape: tuple[int, ...]) -> tupl
         return ()
     axes = tuple(declare(tuple(shape)))
     ndim = len(shape)
-    if not all(isinstance(a, int) and -ndim <= a < 0 for a in axes) or len(set(axes)) != len(
-        axes
-    ):
+    if not _valid_axes(axes, ndim):
         raise ValueError(
             f"{type(solver).__name__}.shift_invariant_axes({tuple(shape)}) returned "
             f"{axes!r}; it must return distinct negative ints from -{ndim} to -1 (axes "
@@ -176,13 +175,18 @@ def as_tuple(axes: Any) -> Any:
     return tuple(axes) if isinstance(axes, list | tuple) else axes
 
 
+def _valid_axes(axes: Any, ndim: int | None) -> bool:
+    """Whether `axes` is a tuple of distinct negative ints naming axes of an instance
+    of `ndim` axes (any number of axes when `ndim` is None)."""
+    low = -ndim if ndim is not None else -(2**31)
+    return isinstance(axes, tuple) and len(set(axes)) == len(axes) and all(
+        isinstance(a, int) and not isinstance(a, bool) and low <= a < 0 for a in axes
+    )
+
 
 def check_invariant_axes(axes: Any, event_ndim: int | None, who: str) -> None:
     """`invariant_axes` of a wrapper solver: distinct negative ints within the event."""
-    low = -event_ndim if event_ndim is not None else -(2**31)
-    if not isinstance(axes, tuple) or not all(
-        isinstance(a, int) and not isinstance(a, bool) and low <= a < 0 for a in axes
-    ) or len(set(axes)) != len(axes):
+    if not _valid_axes(axes, event_ndim):
         raise ValueError(
             f"{who}: `invariant_axes` must be distinct negative ints naming axes of one "
             f"instance (at least -{event_ndim}), e.g. (-1,); got {axes!r}."
