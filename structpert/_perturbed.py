@@ -207,7 +207,7 @@ def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> 
     n_eff = _independent(cfg, m)
     if cfg.control_variate == "regression" and m > 1:
         scores = jnp.einsum("bij,bmj->bmi", _whitening(gn, n_eff), gn)
-    scores = _free_scores(cfg, scores, theta.shape[1:])
+    scores = _invariant_free(cfg, scores, theta.shape[1:])
     moment = None
     if cfg.control_variate == "covariance" and n_eff > 1:
         moment = _moment(cfg, scores, m)
@@ -217,28 +217,23 @@ def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> 
 def _invariant_free(cfg: _Config, x: Array, event_shape) -> Array:
     """x (..., D) without its components along the directions in which the solver is
     shift-invariant (`cfg.invariant_axes`): each axis centred in turn, the orthogonal
-    projection P onto what the solution can depend on. Applied to the scores with
-    Normal noise (`_free_scores`) and to the symmetrised tangent (`_jacobian_tangent`)."""
+    projection P onto what the solution can depend on.
+
+    The solution ignores those directions, so J (I - P) = 0, and for an exact argmax
+    J = J^T gives (I - P) J = 0 too. Hence the layer projects the scores (B, k, D),
+    g -> P g, which turns the plain estimate into J^ P: unbiased for any noise (E[J^]
+    P = J P = J), and with Normal noise a Rao-Blackwellisation, as P Z and (I - P) Z
+    are independent and y depends on P Z only. The covariance control variate works
+    unchanged on projected scores (E[P g g^T P] = P, and every P v it forms is taken
+    against projected scores). `_jacobian_tangent` projects the symmetrised tangent
+    (B, D) too. A projection onto a subspace that holds the truth never lengthens
+    the error of the estimate it is applied to."""
     if not cfg.invariant_axes:
         return x
     y = x.reshape(*x.shape[:-1], *event_shape)
     for axis in cfg.invariant_axes:
         y = y - jnp.mean(y, axis=axis, keepdims=True)
     return y.reshape(x.shape)
-
-
-def _free_scores(cfg: _Config, scores: Array, event_shape) -> Array:
-    """The scores (B, k, D) of the theta-derivative, projected by `_invariant_free`
-    with Normal noise.
-
-    With Normal noise Z = P Z + (I - P) Z, two independent parts, and y*(theta +
-    sigma Z) depends on P Z only, so E[(y - b) ((I - P) Z)^T] = 0: that part of the
-    score adds variance and nothing else (Rao-Blackwellisation), and dropping it
-    leaves an unbiased estimator of J = J P. With the covariance control variate,
-    whose correction is built from these scores, E[P Z Z^T P] = P replaces I: the
-    same formulas, as every P v it forms is taken against projected scores. Not with
-    Gumbel noise, whose component along the invariant directions depends on the rest."""
-    return _invariant_free(cfg, scores, event_shape) if type(cfg.noise) is Normal else scores
 
 
 def _centring(cfg: _Config, m: int, y_sum: Array, y_plain) -> Callable[[Array], Array]:
@@ -418,7 +413,8 @@ def _sigma_score(cfg: _Config, sigma, z: Array, gn: Array) -> Array:
 
     With Normal noise (g = z) and a shift-invariant solver, |Z|^2 - D = (|P Z|^2 -
     rank P) + (|(I - P) Z|^2 - (D - rank P)), and the second part is independent of
-    the solution and has mean zero: it is dropped, as from the scores (`_free_scores`)."""
+    the solution and has mean zero: it is dropped (a Rao-Blackwellisation, as for the
+    scores in `_invariant_free`)."""
     zf = _flat(z)
     if type(cfg.noise) is Normal and cfg.invariant_axes:
         ndim = z.ndim - 2
@@ -659,7 +655,7 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
     covariance = cfg.control_variate == "covariance" and _independent(cfg, m) > 1
 
     def p_of(v):  # P v, summed over the chunks
-        return noise_sums(lambda gn: _outer_sum(_free_scores(cfg, gn, event), v)) / m - v
+        return noise_sums(lambda gn: _outer_sum(_invariant_free(cfg, gn, event), v)) / m - v
 
     apply_p = p_of if covariance else None
 
@@ -676,7 +672,7 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
             cm = centre(y) * keep.reshape(1, -1, 1)
             gn = _flat(cfg.noise.grad_nu(z))
             gs = gn if whiten is None else jnp.einsum("bij,bmj->bmi", whiten, gn)
-            gs = _free_scores(cfg, gs, event)
+            gs = _invariant_free(cfg, gs, event)
             moment = _moment(cfg, gs, m) if covariance else None
             new = _jacobian_sums(
                 cfg, sigma, z, cm, gn, gs, u, t, t_sigma, alpha is not None, moment, rp_u
@@ -900,8 +896,8 @@ class PerturbedOptimizer(eqx.Module):
     by $\\alpha_i = S/(S + d\\,s_i^2)$ ($s_i^2$ the sample variance of $y_i$, $S =
     \\sum_j s_j^2$; `symmetric_jacobian`). For a solver that declares
     `shift_invariant_axes` (the built-in simplex, top-k, ranking and assignment), the
-    estimate is projected off those directions, and with `Normal` noise the scores
-    are too: unbiased, lower variance, no extra cost. The gradient of
+    estimate and the noise scores are projected off those directions: unbiased, lower
+    variance, no extra cost. The gradient of
     $F_\\varepsilon$ is the pathwise mean of the solutions.
     [`structpert.PerturbedOptimizer.stats`][] gives the standard errors of all these
     estimates. The guide "Gradient estimators" compares the options with numbers.

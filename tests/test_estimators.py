@@ -58,10 +58,16 @@ def test_jacobian_unbiased_simplex_gumbel():
     # symmetrisation keeps the diagonal (row i is a convex combination of row i of
     # the estimate and of its transpose); seen without the projection of the
     # Simplex's shift invariance (see test_shift_invariant_matching_and_gumbel)
-    opt = sp.PerturbedOptimizer(_unshifted(sp.Simplex()), sp.Gumbel(), EPS5, 50)
+    undeclared = {
+        name: _repeat_jacobians(
+            sp.PerturbedOptimizer(_unshifted(sp.Simplex()), sp.Gumbel(), EPS5, 50, **kwargs),
+            THETA5, reps,
+        )
+        for name, kwargs in configs
+    }
     np.testing.assert_allclose(
-        np.diagonal(_repeat_jacobians(opt, THETA5, reps), axis1=1, axis2=2),
-        np.diagonal(jacs["plain"], axis1=1, axis2=2),
+        np.diagonal(undeclared["default"], axis1=1, axis2=2),
+        np.diagonal(undeclared["plain"], axis1=1, axis2=2),
         rtol=1e-10,
     )
 
@@ -491,9 +497,10 @@ def test_shift_invariant_matching_and_gumbel():
     default's total variance is 0.53 of the undeclared solver's (same keys), with
     means within 5 standard errors. A rectangular one is invariant along rows only:
     the estimate maps a row-constant tangent to zero, not a column-constant one. With
-    Gumbel noise (not independent along those directions) only the symmetrised
-    estimate's output is projected: 1^T J = 0, and a lower MSE against the exact
-    softmax Jacobian on the notebook's simplex (0.92 of it measured)."""
+    Gumbel noise the projection is no Rao-Blackwellisation (the noise along those
+    directions is not independent of the rest) but still unbiased, as J (I - P) = 0,
+    and still shortens the error: J 1 = 1^T J = 0 and a lower MSE against the exact
+    softmax Jacobian on the notebook's simplex (0.82 of it measured)."""
     eps, reps = 0.5, 200
     theta = jax.random.normal(jax.random.key(0), (4, 4))
     opt = lambda solver: sp.PerturbedOptimizer(solver, sp.Normal(), eps, 40)
@@ -515,10 +522,11 @@ def test_shift_invariant_matching_and_gumbel():
     opt = lambda solver: sp.PerturbedOptimizer(solver, sp.Gumbel(), EPS5, 50)
     jac = _repeat_jacobians(opt(sp.Simplex()), THETA5, 400)
     plain = _repeat_jacobians(opt(_unshifted(sp.Simplex())), THETA5, 400)
-    assert np.abs(jac.sum(axis=1)).max() < 1e-5 and np.abs(jac.sum(axis=2)).max() > 0.1
+    assert np.abs(jac.sum(axis=1)).max() < 1e-5 and np.abs(jac.sum(axis=2)).max() < 1e-5
     exact = _softmax_jacobian(THETA5, EPS5)
     mse = lambda j: np.sum((j - exact) ** 2, axis=(1, 2)).mean()
-    assert mse(jac) < 0.97 * mse(plain)
+    assert mse(jac) < 0.9 * mse(plain)
+    assert np.all(np.abs(jac.mean(0) - exact) <= mc_tol(jac.std(0), 400) + 1e-9)
 
 
 def test_shift_invariant_sigma_derivative():

@@ -30,13 +30,12 @@ class AbstractSolver(eqx.Module):
     ints (`(-1,)`: adding $c$ to every entry of a vector, or $c_i$ to every entry of
     row $i$ of a matrix). This holds for an exact argmax whenever every feasible $y$
     has the same sums along the axis: a one-hot, a top-k, a permutation, the rows
-    (and, for square instances, the columns) of an assignment. With
-    [`structpert.Normal`][] noise the layer then drops the noise's component along
-    those directions from its Jacobian estimator, which the solution cannot depend
-    on: the same expectation, a lower variance, no extra cost (see the guide
-    "Gradient estimators"; the estimate is also projected off those directions, with
-    any noise). A wrong claim biases the gradients, so a solver that does not define
-    it (the default) gets none of this.
+    (and, for square instances, the columns) of an assignment. The layer then
+    projects those directions, which the solution cannot depend on, out of its
+    Jacobian estimator (out of the noise scores and out of the estimate): the same
+    expectation, a lower error, no extra cost (see the guide "Gradient estimators").
+    A wrong claim biases the gradients, so a solver that does not define it (the
+    default) gets none of this.
 
     !!! Example
 
