@@ -207,10 +207,9 @@ def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> 
     n_eff = _independent(cfg, m)
     if cfg.control_variate == "regression" and m > 1:
         scores = jnp.einsum("bij,bmj->bmi", _whitening(gn, n_eff), gn)
-    scores = _invariant_free(cfg, scores, theta.shape[1:])
     moment = None
     if cfg.control_variate == "covariance" and n_eff > 1:
-        moment = _moment(cfg, scores, m)
+        moment = _moment(cfg, scores, m, theta.shape[1:])
     return _Terms(centred, gn, scores, alpha, moment)
 
 
@@ -220,14 +219,15 @@ def _invariant_free(cfg: _Config, x: Array, event_shape) -> Array:
     projection P onto what the solution can depend on.
 
     The solution ignores those directions, so J (I - P) = 0, and for an exact argmax
-    J = J^T gives (I - P) J = 0 too. Hence the layer projects the scores (B, k, D),
-    g -> P g, which turns the plain estimate into J^ P: unbiased for any noise (E[J^]
-    P = J P = J), and with Normal noise a Rao-Blackwellisation, as P Z and (I - P) Z
-    are independent and y depends on P Z only. The covariance control variate works
-    unchanged on projected scores (E[P g g^T P] = P, and every P v it forms is taken
-    against projected scores). `_jacobian_tangent` projects the symmetrised tangent
-    (B, D) too. A projection onto a subspace that holds the truth never lengthens
-    the error of the estimate it is applied to."""
+    J = J^T gives (I - P) J = 0 too. Hence the estimator uses the projected scores P g
+    (which turns the plain estimate into J^ P: unbiased for any noise, as E[J^] P = J
+    P = J; with Normal noise a Rao-Blackwellisation, as P Z and (I - P) Z are
+    independent and y depends on P Z only), and projects the symmetrised estimate. A
+    projection onto a subspace that holds the truth never lengthens the error of the
+    estimate it is applied to. As <P g, u> = <g, P u>, `_jacobian_tangent` applies P
+    to the tangents (B, D) rather than to the scores (B, M, D); only the covariance
+    control variate's |P g|^2 (`_moment`) and `stats` project scores. The covariance
+    control variate works unchanged on projected scores (E[P g g^T P] = P)."""
     if not cfg.invariant_axes:
         return x
     y = x.reshape(*x.shape[:-1], *event_shape)
@@ -284,11 +284,12 @@ def _covariance_weights(cfg: _Config, m: int, d: int) -> tuple[float, float]:
     return beta, beta * n / (n - 1)
 
 
-def _moment(cfg: _Config, gn: Array, m: int) -> Array:
+def _moment(cfg: _Config, gn: Array, m: int, event_shape) -> Array:
     """1 + k_m (B, k) of `_covariance_scores` for a block of scores gn (B, k, D) among
-    m samples: k_m = beta (|g_m|^2 - 1) / (n - 1)."""
+    m samples: k_m = beta (|P g_m|^2 - 1) / (n - 1), P of `_invariant_free`."""
     beta, _ = _covariance_weights(cfg, m, gn.shape[-1])
-    return 1 + beta * (jnp.sum(gn**2, axis=-1) - 1) / (_independent(cfg, m) - 1)
+    norm2 = jnp.sum(_invariant_free(cfg, gn, event_shape) ** 2, axis=-1)
+    return 1 + beta * (norm2 - 1) / (_independent(cfg, m) - 1)
 
 
 def _outer_sum(gn: Array, v: Array) -> Array:
@@ -431,24 +432,31 @@ def _sigma_score(cfg: _Config, sigma, z: Array, gn: Array) -> Array:
 def _jacobian_tangent(
     cfg: _Config, m: int, sums_of, alpha, u, event_shape, apply_p=None
 ) -> Array:
-    """d y_eps (times M sigma): `sums_of(rp_u)` gives the sums of `_jacobian_sums`
-    over the m samples. With the covariance control variate (`apply_p`: v -> P v, over
-    the same samples), P is applied to u before and to the transposed sum after.
+    """d y_eps (times M sigma): `sums_of(u, rp_u)` gives the sums of `_jacobian_sums`
+    over the m samples along u. With the covariance control variate (`apply_p`: v ->
+    P v, over the same samples), P is applied to u before and to the transposed sum
+    after.
 
-    The symmetrised estimate is projected by `_invariant_free` too: for an exact argmax
-    J = J^T, so J P = J gives P J = J, and the per-row weights alpha would otherwise
-    put back a component that J does not have (a projection that contains the truth
-    only shortens the error)."""
+    The scores are projected off the solver's invariant directions (`_invariant_free`,
+    the projection written Q here) through the tangents: <Q g, u> = <g, Q u>, and the
+    transposed sum sum_m Q g_m <c_m, t> is Q of the sum over the raw scores; the
+    covariance control variate's P of the projected scores is Q P Q. The symmetrised
+    estimate is projected too: for an exact argmax J = J^T, so J Q = J gives Q J = J,
+    and the per-row weights alpha would otherwise put back a component that J does
+    not have."""
+    project = lambda x: _invariant_free(cfg, x, event_shape)
     rp_u = r = None
-    if apply_p is not None and u is not None:
-        r = _covariance_weights(cfg, m, u.shape[-1])[1]
-        rp_u = r * apply_p(u)
-    plain, trans, by_sigma, w = sums_of(rp_u)
+    if u is not None:
+        u = project(u)
+        if apply_p is not None:
+            r = _covariance_weights(cfg, m, u.shape[-1])[1]
+            rp_u = r * project(apply_p(u))
+    plain, trans, by_sigma, w = sums_of(u, rp_u)
     if w is not None:  # (only with the covariance control variate: apply_p is set)
         assert apply_p is not None and r is not None
-        trans = trans - r * apply_p(w)
+        trans = trans - r * apply_p(project(w))
     if alpha is not None:
-        plain = _invariant_free(cfg, alpha * plain + (1 - alpha) * trans, event_shape)
+        plain = project(alpha * plain + (1 - alpha) * project(trans))
     return plain + by_sigma
 
 
@@ -482,7 +490,7 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
     if t_theta is not None:
         t = t_theta.reshape(b, d)
         u = t / theta.reshape(b, d) if multiplicative else t
-    sums_of = lambda rp_u: _jacobian_sums(
+    sums_of = lambda u, rp_u: _jacobian_sums(
         cfg, sigma, z, c, gn, gs, u, t, t_sigma, terms.alpha is not None, terms.moment, rp_u
     )
     apply_p = None if terms.moment is None else (lambda v: _apply_p(gs, v))
@@ -655,7 +663,7 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
     covariance = cfg.control_variate == "covariance" and _independent(cfg, m) > 1
 
     def p_of(v):  # P v, summed over the chunks
-        return noise_sums(lambda gn: _outer_sum(_invariant_free(cfg, gn, event), v)) / m - v
+        return noise_sums(lambda gn: _outer_sum(gn, v)) / m - v
 
     apply_p = p_of if covariance else None
 
@@ -664,7 +672,7 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
         t = t_theta.reshape(b, d)
         u = t / theta.reshape(b, d) if multiplicative else t
 
-    def sums_of(rp_u):
+    def sums_of(u, rp_u):
         @jax.checkpoint
         def step(acc, x):
             j, y = x
@@ -672,8 +680,7 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
             cm = centre(y) * keep.reshape(1, -1, 1)
             gn = _flat(cfg.noise.grad_nu(z))
             gs = gn if whiten is None else jnp.einsum("bij,bmj->bmi", whiten, gn)
-            gs = _invariant_free(cfg, gs, event)
-            moment = _moment(cfg, gs, m) if covariance else None
+            moment = _moment(cfg, gs, m, event) if covariance else None
             new = _jacobian_sums(
                 cfg, sigma, z, cm, gn, gs, u, t, t_sigma, alpha is not None, moment, rp_u
             )
@@ -755,7 +762,8 @@ def _stats(theta, sigma, key, cotangent, *, cfg: _Config):
                 # A regression's error is that of its residuals (the spread of `per`
                 # would ignore what the fit removes): the same terms with every
                 # solution replaced by its residual from the least-squares prediction.
-                gn, gs, c = terms.grad_nu, terms.scores, terms.centred
+                gn, c = terms.grad_nu, terms.centred
+                gs = _invariant_free(cfg, terms.scores, theta.shape[1:])
                 coef = jnp.einsum("bmo,bmd->bod", c, gs) / m
                 resid = c - jnp.einsum("bod,bmd->bmo", coef, gn) / _score_scale(gn)
                 per = _vjp_terms(cfg, theta, sigma, resid, gs, *_split_cotangent(v, terms))
@@ -786,7 +794,7 @@ def _vjp_estimate(cfg: _Config, theta, sigma, z, y, y_plain, v):
     terms = _jacobian_terms(cfg, theta, z, y, y_plain)
     if terms.alpha is not None:  # the projected symmetrised estimate P J (transposed)
         v = _invariant_free(cfg, v, theta.shape[1:])
-    gs = terms.scores
+    gs = _invariant_free(cfg, terms.scores, theta.shape[1:])
     if terms.moment is not None:
         gs = _covariance_scores(cfg, gs, terms.moment)
     per = _vjp_terms(cfg, theta, sigma, terms.centred, gs, *_split_cotangent(v, terms))
