@@ -437,13 +437,10 @@ def _jacobian_tangent(
     P v, over the same samples), P is applied to u before and to the transposed sum
     after.
 
-    The scores are projected off the solver's invariant directions (`_invariant_free`,
-    the projection written Q here) through the tangents: <Q g, u> = <g, Q u>, and the
-    transposed sum sum_m Q g_m <c_m, t> is Q of the sum over the raw scores; the
-    covariance control variate's P of the projected scores is Q P Q. The symmetrised
-    estimate is projected too: for an exact argmax J = J^T, so J Q = J gives Q J = J,
-    and the per-row weights alpha would otherwise put back a component that J does
-    not have."""
+    With Q the projection of `_invariant_free` (why: see there), the projected scores
+    are applied through the tangents: <Q g, u> = <g, Q u>, the transposed sum of Q g_m
+    is Q of the sum over raw scores, and P of the projected scores is Q P Q. The
+    symmetrised estimate is then projected by Q too."""
     project = lambda x: _invariant_free(cfg, x, event_shape)
     rp_u = r = None
     if u is not None:
@@ -762,8 +759,7 @@ def _stats(theta, sigma, key, cotangent, *, cfg: _Config):
                 # A regression's error is that of its residuals (the spread of `per`
                 # would ignore what the fit removes): the same terms with every
                 # solution replaced by its residual from the least-squares prediction.
-                gn, c = terms.grad_nu, terms.centred
-                gs = _invariant_free(cfg, terms.scores, theta.shape[1:])
+                gn, gs, c = terms.grad_nu, terms.scores, terms.centred
                 coef = jnp.einsum("bmo,bmd->bod", c, gs) / m
                 resid = c - jnp.einsum("bod,bmd->bmo", coef, gn) / _score_scale(gn)
                 per = _vjp_terms(cfg, theta, sigma, resid, gs, *_split_cotangent(v, terms))
@@ -790,11 +786,13 @@ def _split_cotangent(v: Array, terms: _Terms):
 
 def _vjp_estimate(cfg: _Config, theta, sigma, z, y, y_plain, v):
     """J^T v (B, D) from the samples z, y (B, k, ...), as jax.grad computes it; also
-    its per-sample terms (B, k, D) and the estimator's terms."""
+    its per-sample terms (B, k, D) and the estimator's terms, with the scores
+    projected (`_invariant_free`, which the kernels apply through the tangents)."""
     terms = _jacobian_terms(cfg, theta, z, y, y_plain)
+    terms = terms._replace(scores=_invariant_free(cfg, terms.scores, theta.shape[1:]))
     if terms.alpha is not None:  # the projected symmetrised estimate P J (transposed)
         v = _invariant_free(cfg, v, theta.shape[1:])
-    gs = _invariant_free(cfg, terms.scores, theta.shape[1:])
+    gs = terms.scores
     if terms.moment is not None:
         gs = _covariance_scores(cfg, gs, terms.moment)
     per = _vjp_terms(cfg, theta, sigma, terms.centred, gs, *_split_cotangent(v, terms))
