@@ -216,6 +216,10 @@ def gradient_mse(problem, budget, reps, n_ref):
         layers["sp, orth. + regr. + anti."] = ours(
             orthogonal=True, control_variate="regression", antithetic=True
         )
+        layers["sp, orth. + antithetic"] = ours(orthogonal=True, antithetic=True)
+        layers["sp, orth. + leave-one-out"] = ours(
+            orthogonal=True, control_variate="leave_one_out"
+        )
     argmax_fns = {
         k: (lambda t, key, o=o: o(t.reshape(shape), key=key).reshape(-1))
         for k, o in layers.items()

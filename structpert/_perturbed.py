@@ -187,6 +187,7 @@ class _Terms(NamedTuple):
     scores: Array  # (B, M, D)    W^-1 grad nu(Z_m), for the theta-derivative
     alpha: Array | None  # (B, Do) weight of the plain estimator per output coordinate
     moment: Array | None = None  # (B, M) 1 + k_m of `_covariance_scores`
+    gram: Array | None = None  # (B, blocks, k, k) its within-block part (`_block_gram`)
 
 
 def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> _Terms:
@@ -207,10 +208,11 @@ def _jacobian_terms(cfg: _Config, theta: Array, z: Array, y: Array, y_plain) -> 
     n_eff = _independent(cfg, m)
     if cfg.control_variate == "regression" and m > 1:
         scores = jnp.einsum("bij,bmj->bmi", _whitening(gn, n_eff), gn)
-    moment = None
-    if cfg.control_variate == "covariance" and n_eff > 1:
+    moment = gram = None
+    if _covariance_applies(cfg, m, gn.shape[-1]):
         moment = _moment(cfg, scores, m, theta.shape[1:])
-    return _Terms(centred, gn, scores, alpha, moment)
+        gram = _block_gram(cfg, scores, m, theta.shape[1:])
+    return _Terms(centred, gn, scores, alpha, moment, gram)
 
 
 def _invariant_free(cfg: _Config, x: Array, event_shape) -> Array:
@@ -272,24 +274,80 @@ def _independent(cfg: _Config, m: int) -> int:
     return m // 2 if cfg.antithetic else m
 
 
+def _block(cfg: _Config, d: int) -> int:
+    """The size of the groups of dependent draws: with `orthogonal`, the blocks of
+    min(N, d) orthogonal samples (`orthogonal_normal`, N = the layer's independent
+    draws); otherwise 1. Fixed by the layer, so a subset of whole blocks (the
+    jackknife of `stats`) keeps the same blocks."""
+    return min(_independent(cfg, cfg.num_samples), d) if cfg.orthogonal else 1
+
+
 def _covariance_weights(cfg: _Config, m: int, d: int) -> tuple[float, float]:
     """(beta, r) of the covariance control variate for the n independent draws among
-    m samples of d coordinates: the shrinkage beta = n / (n + d) and r = beta n / (n - 1).
+    m samples of d coordinates, in groups of k (`_block`): the shrinkage beta = n / (n
+    + d) and r = beta n / (n - k).
 
     The control variate's own error grows with d / n (P has d^2 entries estimated from
     n draws), so its weight shrinks from 1 when n >> d toward 0 when d >> n. beta is
     fixed by the sizes, not fitted to the samples, so the estimator stays unbiased."""
     n = _independent(cfg, m)
     beta = n / (n + d)
-    return beta, beta * n / (n - 1)
+    return beta, beta * n / (n - _block(cfg, d))
+
+
+def _covariance_applies(cfg: _Config, m: int, d: int) -> bool:
+    """Whether the covariance control variate is used: at least two groups of draws."""
+    return cfg.control_variate == "covariance" and _independent(cfg, m) > _block(cfg, d)
 
 
 def _moment(cfg: _Config, gn: Array, m: int, event_shape) -> Array:
     """1 + k_m (B, k) of `_covariance_scores` for a block of scores gn (B, k, D) among
-    m samples: k_m = beta (|P g_m|^2 - 1) / (n - 1), P of `_invariant_free`."""
-    beta, _ = _covariance_weights(cfg, m, gn.shape[-1])
+    m samples: k_m = beta (|P g_m|^2 - s_m) / (n - k), P of `_invariant_free`, with s_m
+    the size of the group of sample m (1 unless `orthogonal`; see `_block`)."""
+    d = gn.shape[-1]
+    beta, _ = _covariance_weights(cfg, m, d)
     norm2 = jnp.sum(_invariant_free(cfg, gn, event_shape) ** 2, axis=-1)
-    return 1 + beta * (norm2 - 1) / (_independent(cfg, m) - 1)
+    k, n = _block(cfg, d), _independent(cfg, m)
+    sizes = 1
+    if k > 1:  # the last block may be partial
+        index = jnp.arange(gn.shape[1]) % n
+        sizes = jnp.minimum(k, n - index // k * k).astype(gn.dtype)[None]
+    return 1 + beta * (norm2 - sizes) / (n - k)
+
+
+def _block_gram(cfg: _Config, gn: Array, m: int, event_shape) -> Array | None:
+    """With `orthogonal` and the covariance control variate: beta / (n - k) times the
+    Gram matrices (B, blocks, k, k) of the projected scores P g within each block of
+    orthogonal draws, diagonal zeroed (it is in `_moment`); None otherwise. The blocks'
+    scores are orthogonal, so this vanishes unless the solver is shift-invariant."""
+    d = gn.shape[-1]
+    k, n = _block(cfg, d), _independent(cfg, m)
+    if k == 1 or not cfg.invariant_axes:
+        return None
+    beta, _ = _covariance_weights(cfg, m, d)
+    blocks = -(-n // k)
+    g = _invariant_free(cfg, gn[:, :n], event_shape)
+    g = jnp.pad(g, ((0, 0), (0, blocks * k - n), (0, 0))).reshape(g.shape[0], blocks, k, d)
+    gram = jnp.einsum("bnid,bnjd->bnij", g, g) * (1 - jnp.eye(k, dtype=g.dtype))[None, None]
+    return gram * (beta / (n - k))
+
+
+def _apply_moment(cfg: _Config, moment: Array, gram: Array | None, x: Array) -> Array:
+    """K x (B, M, ...) for per-sample values x (B, M, ...): the weights of the covariance
+    control variate's corrected scores on the raw ones (`_covariance_scores`), the
+    diagonal `moment` plus, for orthogonal blocks, the within-block `gram` (applied to
+    each half of antithetic samples, whose blocks have the same Gram matrices)."""
+    weighted = moment.reshape(moment.shape + (1,) * (x.ndim - 2)) * x
+    if gram is None:
+        return weighted
+    b, blocks, k, _ = gram.shape
+    halves = 2 if cfg.antithetic else 1
+    n = x.shape[1] // halves
+    xh = x.reshape(b, halves, n, -1)
+    xh = jnp.pad(xh, ((0, 0), (0, 0), (0, blocks * k - n), (0, 0)))
+    off = jnp.einsum("bnij,bhnjr->bhnir", gram, xh.reshape(b, halves, blocks, k, -1))
+    off = off.reshape(b, halves, blocks * k, -1)[:, :, :n]
+    return weighted + off.reshape(x.shape)
 
 
 def _outer_sum(gn: Array, v: Array) -> Array:
@@ -303,7 +361,7 @@ def _apply_p(gn: Array, v: Array) -> Array:
     return _outer_sum(gn, v) / gn.shape[1] - v
 
 
-def _covariance_scores(cfg: _Config, gn: Array, moment: Array) -> Array:
+def _covariance_scores(cfg: _Config, gn: Array, moment: Array, gram: Array | None) -> Array:
     """The corrected scores (B, M, D) of the covariance control variate, formed
     explicitly (for `stats`): g'_m = (1 + k_m) g_m - r P g_m (`_moment`,
     `_covariance_weights`). Scores of Gumbel and Normal noise have E[g g^T] = I, so P
@@ -320,7 +378,7 @@ def _covariance_scores(cfg: _Config, gn: Array, moment: Array) -> Array:
     else:
         gram = jnp.einsum("bmd,bkd->bmk", gn, gn) / m
         p_g = jnp.einsum("bmk,bkd->bmd", gram, gn) - gn
-    return moment[..., None] * gn - _covariance_weights(cfg, m, d)[1] * p_g
+    return _apply_moment(cfg, moment, gram, gn) - _covariance_weights(cfg, m, d)[1] * p_g
 
 
 def _symmetry_weights(s2: Array) -> Array:
@@ -376,7 +434,8 @@ def _max_grad_sums(cfg: _Config, sigma: Array, z: Array, perturbed: Array, y: Ar
 
 
 def _jacobian_sums(
-    cfg: _Config, sigma, z, c, gn, gs, u, t, t_sigma, transposed: bool, moment=None, rp_u=None
+    cfg: _Config, sigma, z, c, gn, gs, u, t, t_sigma, transposed: bool, moment=None, rp_u=None,
+    gram=None,
 ):
     """Sums over the samples (axis 1) of the Jacobian estimator's terms along the
     tangents (see `_Terms`), each (B, D), zero where a tangent is None: the plain
@@ -394,14 +453,14 @@ def _jacobian_sums(
     if t is not None:
         s = jnp.einsum("bmd,bd->bm", gs, u)
         if moment is not None:  # <g'_m, u> = (1 + k_m) <g_m, u> - r <g_m, P u>
-            s = moment * s - jnp.einsum("bmd,bd->bm", gs, rp_u)
+            s = _apply_moment(cfg, moment, gram, s) - jnp.einsum("bmd,bd->bm", gs, rp_u)
         plain = jnp.einsum("bmo,bm->bo", c, s)
         if transposed:
             ct = jnp.einsum("bmo,bo->bm", c, t)
             if moment is None:
                 trans = jnp.einsum("bmd,bm->bd", gs, ct)
             else:  # sum_m (1 + k_m) g_m <c_m, t>, and w
-                trans = jnp.einsum("bmd,bm->bd", gs, moment * ct)
+                trans = jnp.einsum("bmd,bm->bd", gs, _apply_moment(cfg, moment, gram, ct))
                 w = jnp.einsum("bmd,bm->bd", gs, ct)
     if t_sigma is not None:
         by_sigma = t_sigma * jnp.einsum("bmo,bm->bo", c, _sigma_score(cfg, sigma, z, gn))
@@ -488,7 +547,8 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
         t = t_theta.reshape(b, d)
         u = t / theta.reshape(b, d) if multiplicative else t
     sums_of = lambda u, rp_u: _jacobian_sums(
-        cfg, sigma, z, c, gn, gs, u, t, t_sigma, terms.alpha is not None, terms.moment, rp_u
+        cfg, sigma, z, c, gn, gs, u, t, t_sigma, terms.alpha is not None, terms.moment, rp_u,
+        terms.gram,
     )
     apply_p = None if terms.moment is None else (lambda v: _apply_p(gs, v))
     d_y = _jacobian_tangent(cfg, m, sums_of, terms.alpha, u, theta.shape[1:], apply_p)
@@ -657,7 +717,7 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
         g_mean = g_sum / m
         cov = gg_sum / m - g_mean[:, :, None] * g_mean[:, None, :]
         whiten = _whitening_of(cov, _independent(cfg, m))
-    covariance = cfg.control_variate == "covariance" and _independent(cfg, m) > 1
+    covariance = _covariance_applies(cfg, m, d)
 
     def p_of(v):  # P v, summed over the chunks
         return noise_sums(lambda gn: _outer_sum(gn, v)) / m - v
@@ -752,8 +812,9 @@ def _stats(theta, sigma, key, cotangent, *, cfg: _Config):
         # M = 20). Both take a jackknife, which counts what is missed (and, as
         # jackknives do, overstates the error a little: 1.0 to 1.37 times in our checks).
         regression_few = cfg.control_variate == "regression" and n_eff < 1.15 * (d + 1)
-        if n_eff >= 3 and (terms.moment is not None or (regression_few and not cfg.orthogonal)):
-            vjp_err = _jackknife_stderr(cfg, m, lambda idx: vjp_of(z[:, idx], y[:, idx])[0])
+        units = n_eff // _block(cfg, d)
+        if units >= 3 and (terms.moment is not None or (regression_few and not cfg.orthogonal)):
+            vjp_err = _jackknife_stderr(cfg, m, d, lambda idx: vjp_of(z[:, idx], y[:, idx])[0])
         else:
             if cfg.control_variate == "regression":
                 # A regression's error is that of its residuals (the spread of `per`
@@ -794,27 +855,36 @@ def _vjp_estimate(cfg: _Config, theta, sigma, z, y, y_plain, v):
         v = _invariant_free(cfg, v, theta.shape[1:])
     gs = terms.scores
     if terms.moment is not None:
-        gs = _covariance_scores(cfg, gs, terms.moment)
+        gs = _covariance_scores(cfg, gs, terms.moment, terms.gram)
     per = _vjp_terms(cfg, theta, sigma, terms.centred, gs, *_split_cotangent(v, terms))
     return jnp.mean(per, axis=1), per, terms
 
 
-def _jackknife_stderr(cfg: _Config, m: int, estimate: Callable[[Array], Array]) -> Array:
+def _jackknife_stderr(
+    cfg: _Config, m: int, d: int, estimate: Callable[[Array], Array]
+) -> Array:
     """Delete-a-group jackknife standard error of `estimate(indices)` (B, D), an
     estimate from the samples at `indices`: K = min(20, n) groups of g = n // K of the
-    n independent units (samples, or antithetic pairs, removed together); the n - K g
-    other units stay in every subsample. For a mean this gives its usual standard
-    error; for products of means (control variates fitted on the same samples) it
-    also counts what the first-order spread misses."""
-    n = _independent(cfg, m)
+    n independent units (samples, antithetic pairs, or with `orthogonal` whole blocks
+    of `_block` draws, with their partners; removed together); the other units (and a
+    last, partial block) stay in every subsample. For a mean this gives its usual
+    standard error; for products of means (control variates fitted on the same
+    samples) it also counts what the first-order spread misses."""
+    draws = _independent(cfg, m)
+    block = _block(cfg, d)
+    n = draws // block
     k = min(20, n)
     g = n // k
-    units = [[u for u in range(n) if not i * g <= u < (i + 1) * g] for i in range(k)]
-    if cfg.antithetic:  # a unit is a pair: sample u and its partner u + n
-        units = [u + [x + n for x in u] for u in units]
+    units = [
+        [u for u in range(draws) if not i * g * block <= u < (i + 1) * g * block]
+        for i in range(k)
+    ]
+    if cfg.antithetic:  # a unit is a pair: sample u and its partner u + draws
+        units = [u + [x + draws for x in u] for u in units]
     ests = jax.vmap(estimate)(jnp.asarray(units))  # (K, B, D)
     dev2 = jnp.sum((ests - jnp.mean(ests, axis=0, keepdims=True)) ** 2, axis=0) * k / (k - 1)
-    return jnp.sqrt(dev2 * (n - g) ** 2 / (k * g * n))
+    n_units = draws / block  # a partial block counted by its share
+    return jnp.sqrt(dev2 * (n_units - g) ** 2 / (k * g * n_units))
 
 
 def _vjp_terms(cfg: _Config, theta, sigma, c, gs, va, vt) -> Array:
@@ -920,8 +990,8 @@ class PerturbedOptimizer(eqx.Module):
       keeps the sign of every entry, e.g. costs stay costs; its Jacobian divides by
       $\\theta$, so entries must be nonzero).
     - `control_variate`: the baseline of the Jacobian estimator. `"auto"` (default):
-      `"covariance"` with `Normal` noise and independent draws, `"leave_one_out"`
-      otherwise. `"leave_one_out"`: the mean of the other $M-1$ samples (free).
+      `"covariance"` with `Normal` noise, `"leave_one_out"` otherwise.
+      `"leave_one_out"`: the mean of the other $M-1$ samples (free).
       `"unperturbed"`: $y^*(\\theta)$, one more solve per instance, in the same
       solver pass. `"none"`. `"regression"`: leave-one-out plus the least-squares fit
       of the solutions on the noise scores (the sample covariance of the scores as a
@@ -929,7 +999,8 @@ class PerturbedOptimizer(eqx.Module):
       \\le 4096$). `"covariance"`: leave-one-out plus the difference between the
       scores' sample second moment and its known value $I$, weighted leave-one-out so
       that it adds no bias, and by $n/(n+d)$ for $n$ independent draws ($O(Md)$
-      arithmetic, no extra solve; `Gumbel` and `Normal` noise, independent draws).
+      arithmetic, no extra solve; `Gumbel` and `Normal` noise; with `orthogonal`,
+      leave-one-block-out).
       They change only the variance of derivatives, never the values. `"regression"`
       is consistent but biased by $O(d/M)$; with `Normal` noise its mean squared
       error was 1.5 to 13 times lower than leave-one-out's. `"covariance"` is
@@ -1059,13 +1130,6 @@ class PerturbedOptimizer(eqx.Module):
                     "scores of sp.Gumbel() and sp.Normal() having covariance I; got "
                     f"{type(self.noise).__name__}. Use control_variate='leave_one_out'."
                 )
-            if self.orthogonal:
-                raise ValueError(
-                    "PerturbedOptimizer: `control_variate='covariance'` needs independent "
-                    "draws, and `orthogonal=True` makes the samples of a block dependent "
-                    "(it already removes the error that this control variate targets). "
-                    "Use one or the other."
-                )
         if not isinstance(self.orthogonal, bool):
             raise TypeError(
                 "PerturbedOptimizer: `orthogonal` must be True or False, got "
@@ -1095,13 +1159,13 @@ class PerturbedOptimizer(eqx.Module):
     @property
     def _resolved_control_variate(self) -> str:
         """The control variate that `control_variate="auto"` stands for:
-        `"covariance"` with `Normal` noise and independent draws, where it had the
-        lowest error of the unbiased options in every case we measured, and
+        `"covariance"` with `Normal` noise (independent or orthogonal draws), where it
+        had the lowest error of the unbiased options in every case we measured, and
         `"leave_one_out"` otherwise (with `Gumbel` noise, whose heavy-tailed scores
         make the covariance correction noisier). Any other value is returned as is."""
         if self.control_variate != "auto":
             return self.control_variate
-        if type(self.noise) is Normal and not self.orthogonal:
+        if type(self.noise) is Normal:
             return "covariance"
         return "leave_one_out"
 

@@ -76,14 +76,15 @@ def test_jacobian_unbiased_simplex_gumbel():
     "antithetic, orthogonal, control_variate",
     [(False, False, "leave_one_out"), (True, False, "leave_one_out"),
      (False, True, "leave_one_out"), (True, True, "leave_one_out"),
-     (False, False, "covariance"), (True, False, "covariance")],
+     (False, False, "covariance"), (True, False, "covariance"),
+     (False, True, "covariance"), (True, True, "covariance")],
 )
 def test_probit_two_items_normal(antithetic, orthogonal, control_variate):
     """Two items, Normal noise: P(y* = e1) = Phi(u), u = (t1 - t2) / (eps sqrt 2).
     Checks the value, the theta-derivative phi(u) / (eps sqrt 2) and the
     sigma-derivative -phi(u) u / eps (leave-one-pair-out baseline with pairs), also
-    with orthogonal samples (pairs of orthogonal vectors here) and with the
-    covariance control variate."""
+    with orthogonal samples (pairs of orthogonal vectors here), with the covariance
+    control variate, and with both (leave-one-block-out)."""
     eps, reps, m = 0.5, 400, 64
     theta = jnp.array([0.3, 0.0])
     u = 0.3 / (eps * np.sqrt(2))
@@ -137,6 +138,9 @@ def test_antithetic_lowers_value_variance_normal():
         {"noise": sp.Normal(), "orthogonal": True},
         {"noise": sp.Normal(), "control_variate": "covariance", "antithetic": True},
         {"perturbation": "multiplicative", "control_variate": "covariance"},
+        {"noise": sp.Normal(), "control_variate": "covariance", "orthogonal": True},
+        {"noise": sp.Normal(), "control_variate": "covariance", "orthogonal": True,
+         "antithetic": True},
     ],
 )
 def test_stats_match_layer_and_grad(kwargs):
@@ -169,6 +173,8 @@ def test_stats_match_layer_and_grad(kwargs):
         {"control_variate": "regression", "antithetic": True},
         {"orthogonal": True},
         {"orthogonal": True, "antithetic": True},
+        {"orthogonal": True, "control_variate": "covariance"},
+        {"orthogonal": True, "control_variate": "covariance", "antithetic": True},
         {"control_variate": "leave_one_out"},
         {"_d": 40, "control_variate": "leave_one_out"},
         {"_d": 40},
@@ -470,7 +476,8 @@ def _unshifted(solver):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"control_variate": "leave_one_out"}, {"antithetic": True}, {"orthogonal": True}],
+    [{}, {"control_variate": "leave_one_out"}, {"antithetic": True}, {"orthogonal": True},
+     {"orthogonal": True, "antithetic": True, "control_variate": "covariance"}],
 )
 def test_shift_invariant_ranking(kwargs):
     """Ranks do not change when a constant is added to theta (the Permutahedron
@@ -590,9 +597,9 @@ def test_declaring_shift_invariant_axes():
 
 
 def test_auto_control_variate():
-    """The default `control_variate="auto"` is "covariance" with Normal noise and
-    independent draws, and "leave_one_out" with Gumbel noise or orthogonal draws:
-    the same gradients for the same key, and different from the other choice."""
+    """The default `control_variate="auto"` is "covariance" with Normal noise
+    (independent or orthogonal draws) and "leave_one_out" with Gumbel noise: the same
+    gradients for the same key, and different from the other choice."""
     theta = jax.random.normal(jax.random.key(0), (2, 6))
     v = jax.random.normal(jax.random.key(1), (2, 6))
     key = jax.random.key(2)
@@ -604,7 +611,7 @@ def test_auto_control_variate():
     for noise, orthogonal, chosen, other in (
         (sp.Normal(), False, "covariance", "leave_one_out"),
         (sp.Gumbel(), False, "leave_one_out", "covariance"),
-        (sp.Normal(), True, "leave_one_out", "none"),
+        (sp.Normal(), True, "covariance", "leave_one_out"),
     ):
         kw = {"noise": noise, "orthogonal": orthogonal}
         default = grad(**kw)
@@ -644,9 +651,6 @@ def test_bad_inputs():
         sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), orthogonal=1)  # pyright: ignore
     with pytest.raises(BAD_INPUT, match="orthogonal=True.*sp.Normal"):
         sp.PerturbedOptimizer(sp.Simplex(), sp.Gumbel(), orthogonal=True)
-    with pytest.raises(BAD_INPUT, match="covariance.*orthogonal"):
-        sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), control_variate="covariance",
-                              orthogonal=True)
     with pytest.raises(BAD_INPUT, match="covariance.*Logistic"):
         sp.PerturbedOptimizer(sp.Simplex(), Logistic(), control_variate="covariance")
     big = sp.PerturbedOptimizer(sp.Permutahedron(), control_variate="regression")
@@ -730,6 +734,37 @@ def test_orthogonal_lowers_the_variance_and_is_unbiased():
     assert orth.var(0).sum() < 0.35 * iid.var(0).sum()
     tol = mc_tol(np.sqrt(orth.var(0) + iid.var(0)), reps) + 1e-12
     assert np.all(np.abs(orth.mean(0) - iid.mean(0)) <= tol)
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_orthogonal_covariance_is_unbiased_and_lowers_the_variance(declared):
+    """The covariance control variate on orthogonal samples, leave-one-block-out, on
+    a 6-item ranking (M = 60, eps = 0.5; the default with orthogonal samples): each
+    mean matches the closed-form Jacobian
+    within 5 standard errors, and the total variance is below that of orthogonal
+    samples with leave-one-out (0.61 to 0.62 of it measured, 400 keys, 2 seeds) and,
+    with antithetic pairs too, below the default's on independent draws (0.42 to 0.43
+    of it). Declared shift-invariant, the projected scores of a block are no longer
+    orthogonal (the within-block Gram matrices of `_block_gram`); undeclared, they are."""
+    theta = jnp.array([0.3, -0.4, 0.1, 0.9, -0.2, 0.5])
+    eps, reps = 0.5, 400
+    solver = sp.Permutahedron() if declared else _unshifted(sp.Permutahedron())
+    exact = _ranking_jacobian(theta, eps)
+    jacs = {}
+    configs: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("default", {}),
+        ("orthogonal", {"orthogonal": True, "control_variate": "leave_one_out"}),
+        ("orthogonal + covariance", {"orthogonal": True}),
+        ("all three", {"orthogonal": True, "control_variate": "covariance",
+                       "antithetic": True}),
+    )
+    for name, kw in configs:
+        opt = sp.PerturbedOptimizer(solver, sp.Normal(), eps, 60, **kw)
+        jacs[name] = jac = _repeat_jacobians(opt, theta, reps, seed=1)
+        assert np.all(np.abs(jac.mean(0) - exact) <= mc_tol(jac.std(0), reps) + 1e-9), name
+    total = {name: jac.var(0).sum() for name, jac in jacs.items()}
+    assert total["orthogonal + covariance"] < 0.75 * total["orthogonal"], total
+    assert total["all three"] < 0.6 * total["default"], total
 
 
 def test_cholesky_qr_on_nearly_singular_blocks():
