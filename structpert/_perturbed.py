@@ -361,9 +361,12 @@ def _apply_p(gn: Array, v: Array) -> Array:
     return _outer_sum(gn, v) / gn.shape[1] - v
 
 
-def _covariance_scores(cfg: _Config, gn: Array, moment: Array, gram: Array | None) -> Array:
+def _covariance_scores(
+    cfg: _Config, gn: Array, moment: Array, block_gram: Array | None
+) -> Array:
     """The corrected scores (B, M, D) of the covariance control variate, formed
-    explicitly (for `stats`): g'_m = (1 + k_m) g_m - r P g_m (`_moment`,
+    explicitly (for `stats`): g'_m = (1 + k_m) g_m (plus, with orthogonal blocks, the
+    within-block term `block_gram` of `_block_gram`) - r P g_m (`_moment`,
     `_covariance_weights`). Scores of Gumbel and Normal noise have E[g g^T] = I, so P
     has mean zero; -n/(n-1) J P is the leave-one-out estimate of the linear part of
     the estimator's error, J (sample second moment - I), with J estimated from the
@@ -378,7 +381,8 @@ def _covariance_scores(cfg: _Config, gn: Array, moment: Array, gram: Array | Non
     else:
         gram = jnp.einsum("bmd,bkd->bmk", gn, gn) / m
         p_g = jnp.einsum("bmk,bkd->bmd", gram, gn) - gn
-    return _apply_moment(cfg, moment, gram, gn) - _covariance_weights(cfg, m, d)[1] * p_g
+    corrected = _apply_moment(cfg, moment, block_gram, gn)
+    return corrected - _covariance_weights(cfg, m, d)[1] * p_g
 
 
 def _symmetry_weights(s2: Array) -> Array:

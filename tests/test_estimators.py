@@ -165,6 +165,24 @@ def test_stats_match_layer_and_grad(kwargs):
     assert np.all(np.asarray(st.y_eps_stderr) >= 0) and np.any(np.asarray(st.y_eps_stderr) > 0)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"orthogonal": True, "antithetic": True}])
+def test_stats_with_more_coordinates_than_samples(kwargs):
+    """With d > M the covariance control variate's corrected scores go through the
+    M x M Gram matrix of the samples (`_covariance_scores`): stats() still returns
+    exactly jax.grad's gradient, with a finite jackknife error (d = 30, M = 24; with
+    orthogonal pairs a single block of 12, so leave-one-out)."""
+    theta = jax.random.normal(jax.random.key(0), (2, 30))
+    v = jax.random.normal(jax.random.key(1), (2, 30))
+    opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), 0.5, 24, **kwargs)
+    key = jax.random.key(2)
+    st = jax.jit(lambda t: opt.stats(t, key=key, cotangent=v))(theta)
+    grad = jax.jit(jax.grad(lambda t: jnp.sum(v * opt(t, key=key))))(theta)
+    np.testing.assert_allclose(st.vjp, grad, rtol=1e-10, atol=1e-12)
+    assert st.vjp_stderr is not None
+    assert np.all(np.isfinite(np.asarray(st.vjp_stderr)))
+    assert np.all(np.asarray(st.vjp_stderr) > 0)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
