@@ -179,7 +179,8 @@ class _Terms(NamedTuple):
     (the second term, the transposed estimator, only when `alpha` is not None). W is
     the identity except with the regression control variate (see `_whitening`). With
     the covariance control variate, g_m is replaced by the corrected score of
-    `_covariance_scores`, applied without forming it (`moment` holds its weights).
+    `_covariance_scores`, applied without forming it (`moment` and `gram` hold its
+    weights).
     """
 
     centred: Array  # (B, M, Do)  c_m = y_m - b_m
@@ -368,10 +369,11 @@ def _covariance_scores(
     explicitly (for `stats`): g'_m = (1 + k_m) g_m (plus, with orthogonal blocks, the
     within-block term `block_gram` of `_block_gram`) - r P g_m (`_moment`,
     `_covariance_weights`). Scores of Gumbel and Normal noise have E[g g^T] = I, so P
-    has mean zero; -n/(n-1) J P is the leave-one-out estimate of the linear part of
-    the estimator's error, J (sample second moment - I), with J estimated from the
-    other samples (so no bias), and the k_m term is what leaving each sample out adds;
-    both are weighted by beta.
+    has mean zero; -n/(n-k) J P is the leave-one-out (with blocks of k orthogonal
+    samples, leave-one-block-out) estimate of the linear part of the estimator's
+    error, J (sample second moment - I), with J estimated from the other samples or
+    blocks (so no bias), and the k_m and block terms are what leaving each one out
+    adds; all are weighted by beta.
 
     Formed through a D x D or an M x M matrix, whichever is smaller."""
     b, m, d = gn.shape
@@ -447,8 +449,9 @@ def _jacobian_sums(
     theta for the multiplicative perturbation), and the sigma-derivative's
     sum_m c_m score_m * t_sigma; all still to be divided by M sigma.
 
-    With `moment` (the covariance control variate), g_m is the corrected score of
-    `_covariance_scores`, applied through P v in O(M D): `rp_u` = r P u is given, and
+    With `moment` (the covariance control variate; and `gram` for orthogonal blocks,
+    see `_apply_moment`), g_m is the corrected score of `_covariance_scores`, applied
+    through P v in O(M D): `rp_u` = r P u is given, and
     the transposed sum still lacks - r P w, with w = sum_m g_m <c_m, t>, the fourth
     value (None otherwise); see `_jacobian_tangent`."""
     zeros = jnp.zeros((c.shape[0], c.shape[-1]), c.dtype)
@@ -456,14 +459,14 @@ def _jacobian_sums(
     w = None
     if t is not None:
         s = jnp.einsum("bmd,bd->bm", gs, u)
-        if moment is not None:  # <g'_m, u> = (1 + k_m) <g_m, u> - r <g_m, P u>
+        if moment is not None:  # <g'_m, u> = (K <g, u>)_m - r <g_m, P u>
             s = _apply_moment(cfg, moment, gram, s) - jnp.einsum("bmd,bd->bm", gs, rp_u)
         plain = jnp.einsum("bmo,bm->bo", c, s)
         if transposed:
             ct = jnp.einsum("bmo,bo->bm", c, t)
             if moment is None:
                 trans = jnp.einsum("bmd,bm->bd", gs, ct)
-            else:  # sum_m (1 + k_m) g_m <c_m, t>, and w
+            else:  # sum_m g_m (K <c, t>)_m (K symmetric), and w
                 trans = jnp.einsum("bmd,bm->bd", gs, _apply_moment(cfg, moment, gram, ct))
                 w = jnp.einsum("bmd,bm->bd", gs, ct)
     if t_sigma is not None:
