@@ -758,9 +758,9 @@ def test_orthogonal_lowers_the_variance_and_is_unbiased():
 def test_orthogonal_covariance_is_unbiased_and_lowers_the_variance(declared):
     """The covariance control variate on orthogonal samples, leave-one-block-out, on
     a 6-item ranking (M = 60, eps = 0.5; the default with orthogonal samples): each
-    mean matches the closed-form Jacobian
-    within 5 standard errors, and the total variance is below that of orthogonal
-    samples with leave-one-out (0.61 to 0.62 of it measured, 400 keys, 2 seeds) and,
+    mean matches the closed-form Jacobian within 5 standard errors, and the total
+    variance is below that of orthogonal samples with leave-one-out (0.61 to 0.63 of
+    it measured, 400 keys, 2 seeds) and,
     with antithetic pairs too, below the default's on independent draws (0.42 to 0.43
     of it). Declared shift-invariant, the projected scores of a block are no longer
     orthogonal (the within-block Gram matrices of `_block_gram`); undeclared, they are."""
