@@ -100,6 +100,22 @@ def test_normal_two_items_probit_and_its_derivative():
     _check_replicates(jac[:, 0, :], [dp, -dp])
 
 
+def test_gumbel_ranks_are_sums_of_pairwise_sigmoids():
+    """Rank i counts the items below i, and the difference of two Gumbel variables is
+    logistic: y_eps(theta)_i = sum_{j != i} sigmoid((theta_i - theta_j) / eps)."""
+    theta = jnp.array([0.3, -1.2, 2.0, 0.5, 0.1])
+    sigma = 0.7
+    opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Gumbel(), sigma, num_samples=200)
+    s = jax.nn.sigmoid((theta[:, None] - theta[None, :]) / sigma)
+    ds = s * (1 - s) / sigma * (1 - jnp.eye(5))  # d s_ij / d theta_i, zero for j == i
+    exact_y = jnp.sum(s, axis=1) - 0.5  # without the j == i term, sigmoid(0)
+    exact_jac = jnp.diag(jnp.sum(ds, axis=1)) - ds
+    reps = _replicate(theta, 400)
+    _check_replicates(opt(reps, key=jax.random.key(2)), exact_y)
+    jac = _jacobian_replicates(lambda t: opt(t, key=jax.random.key(2)), reps)
+    _check_replicates(jac, exact_jac)
+
+
 def test_topk_one_equals_simplex_with_normal_noise():
     theta = jax.random.normal(jax.random.key(0), (7,))
     a = sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), 0.5, num_samples=64)
