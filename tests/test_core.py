@@ -107,7 +107,7 @@ def test_gumbel_ranks_are_sums_of_pairwise_sigmoids():
     sigma = 0.7
     opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Gumbel(), sigma, num_samples=200)
     s = jax.nn.sigmoid((theta[:, None] - theta[None, :]) / sigma)
-    ds = s * (1 - s) / sigma * (1 - jnp.eye(5))  # d s_ij / d theta_i, zero for j == i
+    ds = s * (1 - s) / sigma * (1 - jnp.eye(theta.size))  # d s_ij / d theta_i, 0 if j == i
     exact_y = jnp.sum(s, axis=1) - 0.5  # without the j == i term, sigmoid(0)
     exact_jac = jnp.diag(jnp.sum(ds, axis=1)) - ds
     reps = _replicate(theta, 400)
