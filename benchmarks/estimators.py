@@ -204,6 +204,7 @@ def gradient_mse(problem, budget, reps, n_ref):
         "sp, no cv": ours(control_variate="none"),
     }
     layers["sp, regression"] = ours(control_variate="regression")
+    layers["sp, stratified"] = ours(stratified=True)
     # the default is "covariance" with Normal noise, "leave_one_out" with Gumbel
     if not symmetric:
         layers["sp, covariance"] = ours(control_variate="covariance")
@@ -236,10 +237,11 @@ def gradient_mse(problem, budget, reps, n_ref):
             "optax, no baseline": lambda t, key: ox_nb(key, t),
         }
     )
-    fy_layers = {"structpert": layers["structpert"]}
+    fy_layers = {"structpert": layers["structpert"], "sp, stratified": layers["sp, stratified"]}
     if symmetric:
         fy_layers["sp, antithetic"] = layers["sp, antithetic"]
         fy_layers["sp, orthogonal"] = layers["sp, orthogonal"]
+        fy_layers["sp, strat. + antithetic"] = ours(stratified=True, antithetic=True)
     jo_max = jp.make_perturbed_max(fn, m_jo, eps, jo_noise)
     ox_max = op.make_perturbed_fun(lambda t: jnp.sum(t * fn(t)), m_ox, eps, ox_noise)
     fy_fns = {
@@ -500,6 +502,7 @@ def timing(d=100, m=1000, repeats=20, batch=1):
             layers["sp orthogonal"] = sp.PerturbedOptimizer(
                 solver, sp_noise, eps, m, orthogonal=True
             )
+        layers["sp stratified"] = sp.PerturbedOptimizer(solver, sp_noise, eps, m, stratified=True)
         jo = jp.make_perturbed_argmax(fn, m, eps, jo_noise)
         jo_max = jp.make_perturbed_max(fn, m, eps, jo_noise)
         ox = op.make_perturbed_fun(fn, m, eps, ox_noise)
@@ -549,14 +552,16 @@ def timing(d=100, m=1000, repeats=20, batch=1):
     print("floor = drawing the noise + perturbing + solving + averaging (what any method must do).")
     print("structpert's rows use its solver class (the default estimator, whose control")
     print('variate is "covariance" with Normal noise and "leave_one_out" with Gumbel; the')
-    print('other of the two; "regression"; and orthogonal=True for Normal noise); the')
+    print('other of the two; "regression"; orthogonal=True for Normal noise; and')
+    print("stratified=True); the")
     print("other rows use the same function")
     print("(jnp one_hot/argmax, the notebook's double-argsort ranking, lax.top_k).")
     for row in rows:
         print(f"\n{row['case']}")
         for lib, base in (("structpert", "structpert"), ("sp regression", "structpert"),
                           ("sp covariance", "structpert"), ("sp leave_one_out", "structpert"),
-                          ("sp orthogonal", "structpert"), ("sp FunctionSolver", "fn"),
+                          ("sp orthogonal", "structpert"), ("sp stratified", "structpert"),
+                          ("sp FunctionSolver", "fn"),
                           ("jaxopt", "fn"), ("optax", "fn")):
             if (lib, "loss") not in row:
                 continue

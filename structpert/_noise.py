@@ -73,6 +73,29 @@ class AbstractNoise(eqx.Module):
         **Returns:** an array of the same shape as `z`.
         """
 
+    def quantile(self, u: Float[Array, "..."]) -> Float[Array, "..."]:
+        """The inverse of the distribution function of one coordinate, elementwise.
+
+        Optional: only `PerturbedOptimizer(..., stratified=True)` needs it (it maps
+        stratified uniform numbers to the noise). [`structpert.Gumbel`][] and
+        [`structpert.Normal`][] implement it.
+
+        **Arguments:**
+
+        - `u`: numbers in $(0, 1)$.
+
+        **Returns:** an array of the same shape as `u`.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement `quantile`, which "
+            "stratified=True needs."
+        )
+
+
+def has_quantile(noise: AbstractNoise) -> bool:
+    """Whether `noise` implements `AbstractNoise.quantile` (for stratified draws)."""
+    return type(noise).quantile is not AbstractNoise.quantile
+
 
 class Gumbel(AbstractNoise):
     """Standard Gumbel noise: $\\nu(z) = z + e^{-z}$, so $\\nabla\\nu(z) = 1 - e^{-z}$.
@@ -94,6 +117,9 @@ class Gumbel(AbstractNoise):
     def grad_nu(self, z: Float[Array, "..."]) -> Float[Array, "..."]:
         return 1.0 - jnp.exp(-z)
 
+    def quantile(self, u: Float[Array, "..."]) -> Float[Array, "..."]:
+        return -jnp.log(-jnp.log(u))
+
 
 class Normal(AbstractNoise):
     """Standard normal noise: $\\nu(z) = z^2/2$, so $\\nabla\\nu(z) = z$.
@@ -113,6 +139,45 @@ class Normal(AbstractNoise):
 
     def grad_nu(self, z: Float[Array, "..."]) -> Float[Array, "..."]:
         return z
+
+    def quantile(self, u: Float[Array, "..."]) -> Float[Array, "..."]:
+        return jax.scipy.special.ndtri(u)
+
+
+def latin_hypercube(
+    noise: AbstractNoise, key: PRNGKeyArray, num: int, event_shape: tuple[int, ...],
+    dtype: jnp.dtype,
+) -> Float[Array, "..."]:
+    """`num` samples of `noise` (shape (num, *event_shape)) stratified in every
+    coordinate: a Latin hypercube.
+
+    Coordinate j of sample m is `noise.quantile((s_mj + V_mj) / num)`, with V uniform
+    on [0, 1) and the strata s_mj = (pi_j(m) + r_j) mod num: pi_j a random permutation
+    (one per coordinate, independent) and r_j a uniform random shift. So the `num`
+    samples of each coordinate take one value in each of `num` equally likely strata,
+    which removes the part of the Monte-Carlo error that is additive in the
+    coordinates, and each sample is still exactly the noise (the shift makes every
+    stratum of every sample uniform and the coordinates independent, whatever the
+    permutations). The permutations sort random 32-bit keys carrying the sample index
+    in their low bits (one integer sort; equal keys keep the index order, which can
+    only make the permutation less random, never the law of a sample wrong). Cost: a
+    sort of `num` keys per coordinate.
+    """
+    d = math.prod(event_shape)
+    work = jnp.promote_types(dtype, jnp.float32)
+    key_perm, key_shift, key_unif = jax.random.split(key, 3)
+    bits = jax.random.bits(key_perm, (d, num), jnp.uint32)
+    index = jnp.broadcast_to(jnp.arange(num, dtype=jnp.uint32), bits.shape)
+    index_bits = max(1, (num - 1).bit_length())
+    if index_bits <= 16:  # index in the low bits: one key to sort
+        perm = jax.lax.sort(bits << index_bits | index, dimension=1) & (2**index_bits - 1)
+    else:
+        perm = jax.lax.sort((bits, index), dimension=1, num_keys=1)[1]
+    shift = jax.random.randint(key_shift, (d, 1), 0, num)
+    strata = (perm.astype(jnp.int32) + shift) % num
+    u = (strata.T.astype(work) + jax.random.uniform(key_unif, (num, d), work)) / num
+    u = jnp.clip(u, jnp.finfo(work).tiny, jnp.nextafter(jnp.ones((), work), 0))
+    return noise.quantile(u).reshape(num, *event_shape).astype(dtype)
 
 
 # Stratify the lengths of orthogonal samples up to this event size (see `_gamma_tails`).

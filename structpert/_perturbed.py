@@ -19,7 +19,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._noise import AbstractNoise, Gumbel, Normal, orthogonal_normal
+from ._noise import (
+    AbstractNoise,
+    Gumbel,
+    has_quantile,
+    latin_hypercube,
+    Normal,
+    orthogonal_normal,
+)
 from ._sharding import check_mesh, shard_solve
 from ._solvers.base import AbstractSolver, shift_invariant_axes, solve_batch
 from ._threefry import fast_threefry_key, is_partitionable_threefry, window_key
@@ -52,6 +59,8 @@ class _Config(eqx.Module):
     symmetric_jacobian: bool = eqx.field(default=False, static=True)
     # Normal noise drawn orthogonal in blocks (see `orthogonal_normal`).
     orthogonal: bool = eqx.field(default=False, static=True)
+    # Noise drawn as a Latin hypercube per instance (see `latin_hypercube`).
+    stratified: bool = eqx.field(default=False, static=True)
     # Event axes along which the solution is shift-invariant (the solver's
     # `shift_invariant_axes`), used by the Jacobian estimator (`_invariant_free`).
     invariant_axes: tuple[int, ...] = eqx.field(default=(), static=True)
@@ -68,7 +77,8 @@ def _draw_noise(
     and its index, and as the batch is the leading axis, instance i's entries have
     the same indices for any batch size (one random-number kernel to compile instead
     of two). Otherwise instance i draws from `jax.random.fold_in(key, i)`; with
-    `orthogonal`, its M (or M/2 antithetic) samples are orthogonal in blocks.
+    `orthogonal`, its M (or M/2 antithetic) samples are orthogonal in blocks; with
+    `stratified`, they are a Latin hypercube.
 
     Threefry keys draw their bits through `fast_threefry_key`: the same numbers as
     with `key` itself, in one fused kernel instead of JAX's CPU loop. With `window`
@@ -77,7 +87,7 @@ def _draw_noise(
     or twice count with antithetic pairs.
     """
     m = _independent(cfg, cfg.num_samples)
-    one_draw = not cfg.orthogonal and _one_draw(cfg.noise, key)
+    one_draw = not (cfg.orthogonal or cfg.stratified) and _one_draw(cfg.noise, key)
     if window is not None:
         start, count = window
         key = window_key(key, start, batch, m, count, math.prod(event_shape))
@@ -88,6 +98,8 @@ def _draw_noise(
         key = fast_threefry_key(key)
         if cfg.orthogonal:
             draw = lambda k: orthogonal_normal(k, m, event_shape, dtype)
+        elif cfg.stratified:
+            draw = lambda k: latin_hypercube(cfg.noise, k, m, event_shape, dtype)
         else:
             draw = lambda k: cfg.noise.sample(k, (m, *event_shape), dtype)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
@@ -576,7 +588,7 @@ def _streams(cfg: _Config, key: PRNGKeyArray, batch: int, size: int) -> bool:
         cfg.chunk_size is not None
         and cfg.chunk_size < batch * cfg.num_samples
         and cfg.mesh is None
-        and not cfg.orthogonal
+        and not (cfg.orthogonal or cfg.stratified)
         and type(cfg.noise) in (Gumbel, Normal)
         and _one_draw(cfg.noise, key)
         and 2 * batch * (2 * m) * size < 2**32
@@ -1055,6 +1067,25 @@ class PerturbedOptimizer(eqx.Module):
       all of them. Cost: $O(Md\\min(M, d))$ arithmetic per instance to
       orthogonalise, about 4 ms on a CPU and 0.5 ms on a GPU at $d = 100$, $M =
       1000$ (default `False`).
+    - `stratified`: draw the samples of each instance as a Latin hypercube: in every
+      coordinate the $M$ (or $M/2$ antithetic) values fall one in each of $M$
+      equally likely strata, and each sample is still exactly the noise, so values
+      stay unbiased. It removes the part of the error that is additive in the noise's
+      coordinates. At $M = 200$ in our benchmark, the mean squared error of
+      $y_\varepsilon$ (the Fenchel-Young gradient) was 0.45 to 0.55 times that of
+      independent draws on the simplex (Gumbel noise), 0.33 to 0.35 on 6-item and
+      about 0.02 on 100-item rankings, 0.23 on top-10 and 0.51 to 0.55 on 5 x 5
+      assignments (Normal noise); the Jacobian estimate's was 0.75 to 1.01 times.
+      The control variates still treat the draws as independent, which leaves a bias
+      of order $1/M$ in the derivatives of a loss on $y_\varepsilon$ (on a 6-item
+      ranking, 1.9% of the gradient's norm at $M = 200$ against 1.1% with
+      independent draws, whose root mean squared error was 15%). `stats` treats
+      the samples as independent too, which overstates the error of values.
+      Needs a noise with a `quantile` ([`structpert.Gumbel`][],
+      [`structpert.Normal`][]); not with `orthogonal`. Cost: a sort of $M$ keys per
+      coordinate, about 3 ms on a CPU at $d = 100$, $M = 1000$: worth it when a
+      solver call costs more than that, or when solver calls are what is counted
+      (default `False`).
 
     **Keys:** one key for the whole batch; the noise of instance $i$ (in row-major
     order over the batch axes) depends only on the key and $i$, so results do not
@@ -1088,6 +1119,7 @@ class PerturbedOptimizer(eqx.Module):
     mesh_axes: str | tuple[str, ...] | None = eqx.field(default=None, static=True)
     symmetric_jacobian: bool = eqx.field(default=True, static=True)
     orthogonal: bool = eqx.field(default=False, static=True)
+    stratified: bool = eqx.field(default=False, static=True)
 
     def __check_init__(self):
         if not isinstance(self.solver, AbstractSolver):
@@ -1150,6 +1182,23 @@ class PerturbedOptimizer(eqx.Module):
                 f"vectors, so it needs `noise=sp.Normal()`, got {type(self.noise).__name__} "
                 "(the normal law is the only one with independent coordinates that "
                 "rotations leave unchanged). Set orthogonal=False for other noises."
+            )
+        if not isinstance(self.stratified, bool):
+            raise TypeError(
+                "PerturbedOptimizer: `stratified` must be True or False, got "
+                f"{self.stratified!r}."
+            )
+        if self.stratified and self.orthogonal:
+            raise ValueError(
+                "PerturbedOptimizer: `stratified=True` and `orthogonal=True` are two "
+                "ways of drawing the samples; set one of them."
+            )
+        if self.stratified and not has_quantile(self.noise):
+            raise ValueError(
+                "PerturbedOptimizer: `stratified=True` maps stratified uniform numbers "
+                "through the noise's quantile function, which "
+                f"{type(self.noise).__name__} does not implement. Use sp.Gumbel() or "
+                "sp.Normal(), or implement `quantile` on the noise."
             )
         if self.chunk_size is not None and (
             not isinstance(self.chunk_size, int) or self.chunk_size < 1
@@ -1227,6 +1276,7 @@ class PerturbedOptimizer(eqx.Module):
             mesh_axes=self.mesh_axes,
             symmetric_jacobian=self.symmetric_jacobian,
             orthogonal=self.orthogonal,
+            stratified=self.stratified,
             invariant_axes=self._invariant_axes(event_shape),
         )
         flat = theta.reshape(-1, *event_shape)

@@ -18,7 +18,7 @@ from helpers import BAD_INPUT, mc_tol
 from scipy.stats import norm
 
 import structpert as sp
-from structpert._noise import orthogonal_normal
+from structpert._noise import latin_hypercube, orthogonal_normal
 from structpert._perturbed import _Config, _jacobian_terms
 
 
@@ -669,6 +669,14 @@ def test_bad_inputs():
         sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), orthogonal=1)  # pyright: ignore
     with pytest.raises(BAD_INPUT, match="orthogonal=True.*sp.Normal"):
         sp.PerturbedOptimizer(sp.Simplex(), sp.Gumbel(), orthogonal=True)
+    with pytest.raises(BAD_INPUT, match="stratified"):
+        sp.PerturbedOptimizer(sp.Simplex(), stratified=1)  # pyright: ignore
+    with pytest.raises(BAD_INPUT, match="stratified=True.*orthogonal=True"):
+        sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), orthogonal=True, stratified=True)
+    with pytest.raises(BAD_INPUT, match="quantile"):
+        sp.PerturbedOptimizer(sp.Simplex(), Logistic(), stratified=True)
+    with pytest.raises(NotImplementedError, match="Logistic.*quantile"):
+        Logistic().quantile(jnp.full(3, 0.5))
     with pytest.raises(BAD_INPUT, match="covariance.*Logistic"):
         sp.PerturbedOptimizer(sp.Simplex(), Logistic(), control_variate="covariance")
     big = sp.PerturbedOptimizer(sp.Permutahedron(), control_variate="regression")
@@ -677,6 +685,99 @@ def test_bad_inputs():
     opt = sp.PerturbedOptimizer(sp.Simplex())
     with pytest.raises(BAD_INPUT, match="cotangent"):
         opt.stats(jnp.zeros(4), key=jax.random.key(0), cotangent=jnp.zeros(3))
+
+
+def _gumbel_cdf(z):
+    return np.exp(-np.exp(-z))
+
+
+@pytest.mark.parametrize("noise, cdf, num, shape", [
+    (sp.Normal(), norm.cdf, 37, (3,)), (sp.Gumbel(), _gumbel_cdf, 5, (2, 2)),
+    (sp.Normal(), norm.cdf, 70_000, (2,))])
+def test_latin_hypercube_strata(noise, cdf, num, shape):
+    """In every coordinate the samples fall one in each of `num` equally likely
+    strata (70 000 samples sort two keys instead of one), and the coordinates'
+    strata are not tied to each other: the differences of two coordinates' strata
+    take many values (a random pair of permutations gives about (1 - 1/e) num; a
+    shared permutation would give one)."""
+    z = np.asarray(latin_hypercube(noise, jax.random.key(3), num, shape, jnp.dtype("float64")))
+    assert z.shape == (num, *shape)
+    strata = np.floor(cdf(z.reshape(num, -1)) * num).astype(int)
+    for j in range(strata.shape[1]):
+        np.testing.assert_array_equal(np.sort(strata[:, j]), np.arange(num))
+    if num > 5:
+        assert len(np.unique((strata[:, 0] - strata[:, 1]) % num)) > num / 2
+
+
+def test_latin_hypercube_samples_are_the_noise():
+    """Each sample is exactly the noise, whatever its index: over 20000 keys, sample 0
+    and sample 4 of 5 have the Gumbel mean, variance, and independent coordinates
+    (within 5 standard errors); the values of one coordinate are spread over the
+    strata (their sum varies far less than for independent draws)."""
+    reps, num = 20_000, 5
+    keys = jax.random.split(jax.random.key(2), reps)
+    draw = lambda k: latin_hypercube(sp.Gumbel(), k, num, (3,), jnp.dtype("float64"))
+    z = np.asarray(jax.vmap(draw)(keys))  # (reps, num, 3)
+    gamma, var = np.euler_gamma, np.pi**2 / 6
+    for m in (0, num - 1):
+        x = z[:, m]
+        assert np.all(np.abs(x.mean(0) - gamma) <= mc_tol(x.std(0), reps))
+        sq = (x - gamma) ** 2
+        assert np.all(np.abs(sq.mean(0) - var) <= mc_tol(sq.std(0), reps))
+        cross = (x[:, 0] - gamma) * (x[:, 1] - gamma)
+        assert abs(cross.mean()) <= mc_tol(cross.std(), reps)
+    assert np.var(z.sum(1)) < 0.2 * num * var
+
+
+def test_stratified_is_unbiased_with_lower_variance():
+    """Simplex with Gumbel noise, exact y_eps = softmax(theta / eps) and its Jacobian:
+    with `stratified`, the means of 400 estimates (M = 100, one key each) are within 5
+    standard errors of the truth, and y_eps's mean squared error is below 0.75 times
+    that of independent draws with the same keys (0.45 to 0.55 measured)."""
+    reps, m = 400, 100
+    keys = jax.random.split(jax.random.key(7), reps)
+    p = np.asarray(jax.nn.softmax(THETA5 / EPS5))
+
+    def estimates(stratified):
+        opt = sp.PerturbedOptimizer(sp.Simplex(), sp.Gumbel(), EPS5, m, stratified=stratified)
+        return np.asarray(jax.jit(jax.vmap(lambda k: opt(THETA5, key=k)))(keys))
+
+    ys, plain = estimates(True), estimates(False)
+    assert np.all(np.abs(ys.mean(0) - p) <= mc_tol(ys.std(0), reps))
+    mse = lambda y: np.mean(np.sum((y - p) ** 2, axis=1))
+    assert mse(ys) < 0.75 * mse(plain)
+    opt = sp.PerturbedOptimizer(sp.Simplex(), sp.Gumbel(), EPS5, m, stratified=True)
+    jacs = _repeat_jacobians(opt, THETA5, reps, seed=7)
+    err = np.abs(jacs.mean(0) - _softmax_jacobian(THETA5, EPS5))
+    assert np.all(err <= mc_tol(jacs.std(0), reps))
+
+
+def test_stratified_chunks_and_pairs():
+    """With `stratified`, `chunk_size` only splits the solver calls (same values and
+    gradients for the same key), and antithetic pairs are the hypercube and its
+    negation."""
+    theta = jax.random.normal(jax.random.key(0), (3, 7))
+    key = jax.random.key(5)
+    base: dict[str, Any] = dict(noise=sp.Normal(), sigma=0.4, num_samples=30, stratified=True)
+
+    @jax.jit
+    def both(opt):
+        return opt(theta, key=key), jax.grad(lambda s: jnp.sum(opt(s, key=key) ** 2))(theta)
+
+    a = both(sp.PerturbedOptimizer(sp.Permutahedron(), **base))
+    b = both(sp.PerturbedOptimizer(sp.Permutahedron(), chunk_size=7, **base))
+    for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(u, w, rtol=1e-12, atol=1e-12)
+    # one instance, pairs (z, -z): the sum of the 2 x 15 one-hot argmaxes over the
+    # samples is what 15 hypercube samples and their negations give
+    opt = sp.PerturbedOptimizer(sp.Simplex(), antithetic=True, **base)
+    cfg = opt._setup(theta[0], key, "test")[2]
+    from structpert._perturbed import _draw_noise
+
+    z = np.asarray(_draw_noise(cfg, key, 1, (7,), jnp.dtype("float64")))[0]
+    np.testing.assert_array_equal(z[15:], -z[:15])
+    strata = np.sort(np.floor(norm.cdf(z[:15]) * 15).astype(int), axis=0)
+    np.testing.assert_array_equal(strata, np.broadcast_to(np.arange(15)[:, None], (15, 7)))
 
 
 @pytest.mark.parametrize("num, shape", [(23, (5,)), (3, (2, 4)), (8, (8,))])
