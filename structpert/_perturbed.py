@@ -1084,7 +1084,7 @@ class PerturbedOptimizer(eqx.Module):
       the samples as independent too, which overstates the error of values.
       Needs a noise with a `quantile` ([`structpert.Gumbel`][],
       [`structpert.Normal`][]); not with `orthogonal`. Cost: a sort of $M$ keys per
-      coordinate, about 3 ms on a CPU at $d = 100$, $M = 1000$: worth it when a
+      coordinate, 3 to 4 ms on a CPU at $d = 100$, $M = 1000$: worth it when a
       solver call costs more than that, or when solver calls are what is counted
       (default `False`).
 
