@@ -24,7 +24,9 @@ class AbstractNoise(eqx.Module):
     antithetic sampling valid). Optionally set `elementwise = True` when each entry
     of `sample(key, shape, dtype)` is a function of its own random bits only (as for
     `jax.random.normal`); the layer then draws a whole batch in one call (see
-    `PerturbedOptimizer`, **Keys**), which compiles faster.
+    `PerturbedOptimizer`, **Keys**), which compiles faster. Define a method
+    `quantile(u)`, the inverse distribution function of one coordinate, to allow
+    `stratified=True` (as `Gumbel` and `Normal` do).
 
     !!! Example
 
@@ -73,28 +75,11 @@ class AbstractNoise(eqx.Module):
         **Returns:** an array of the same shape as `z`.
         """
 
-    def quantile(self, u: Float[Array, "..."]) -> Float[Array, "..."]:
-        """The inverse of the distribution function of one coordinate, elementwise.
-
-        Optional: only `PerturbedOptimizer(..., stratified=True)` needs it (it maps
-        stratified uniform numbers to the noise). [`structpert.Gumbel`][] and
-        [`structpert.Normal`][] implement it.
-
-        **Arguments:**
-
-        - `u`: numbers in $(0, 1)$.
-
-        **Returns:** an array of the same shape as `u`.
-        """
-        raise NotImplementedError(
-            f"{type(self).__name__} does not implement `quantile`, which "
-            "stratified=True needs."
-        )
-
 
 def has_quantile(noise: AbstractNoise) -> bool:
-    """Whether `noise` implements `AbstractNoise.quantile` (for stratified draws)."""
-    return type(noise).quantile is not AbstractNoise.quantile
+    """Whether `noise` has a `quantile` method, the inverse of the distribution
+    function of one coordinate (`Gumbel`, `Normal`), which stratified draws need."""
+    return callable(getattr(type(noise), "quantile", None))
 
 
 class Gumbel(AbstractNoise):
@@ -118,6 +103,8 @@ class Gumbel(AbstractNoise):
         return 1.0 - jnp.exp(-z)
 
     def quantile(self, u: Float[Array, "..."]) -> Float[Array, "..."]:
+        """The inverse distribution function, $-\\log(-\\log u)$, elementwise (for
+        `stratified=True`)."""
         return -jnp.log(-jnp.log(u))
 
 
@@ -141,6 +128,8 @@ class Normal(AbstractNoise):
         return z
 
     def quantile(self, u: Float[Array, "..."]) -> Float[Array, "..."]:
+        """The inverse distribution function $\\Phi^{-1}(u)$, elementwise (for
+        `stratified=True`)."""
         return jax.scipy.special.ndtri(u)
 
 

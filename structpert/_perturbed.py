@@ -1082,7 +1082,7 @@ class PerturbedOptimizer(eqx.Module):
       ranking, 1.9% of the gradient's norm at $M = 200$ against 1.1% with
       independent draws, whose root mean squared error was 15%). `stats` treats
       the samples as independent too, which overstates the error of values.
-      Needs a noise with a `quantile` ([`structpert.Gumbel`][],
+      Needs a noise with a `quantile` method ([`structpert.Gumbel`][],
       [`structpert.Normal`][]); not with `orthogonal`. Cost: a sort of $M$ keys per
       coordinate, 3 to 4 ms on a CPU at $d = 100$, $M = 1000$: worth it when a
       solver call costs more than that, or when solver calls are what is counted

@@ -675,8 +675,6 @@ def test_bad_inputs():
         sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), orthogonal=True, stratified=True)
     with pytest.raises(BAD_INPUT, match="quantile"):
         sp.PerturbedOptimizer(sp.Simplex(), Logistic(), stratified=True)
-    with pytest.raises(NotImplementedError, match="Logistic.*quantile"):
-        Logistic().quantile(jnp.full(3, 0.5))
     with pytest.raises(BAD_INPUT, match="covariance.*Logistic"):
         sp.PerturbedOptimizer(sp.Simplex(), Logistic(), control_variate="covariance")
     big = sp.PerturbedOptimizer(sp.Permutahedron(), control_variate="regression")
