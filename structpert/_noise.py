@@ -166,7 +166,7 @@ def latin_hypercube(
     strata = (perm.astype(jnp.int32) + shift) % num
     u = (strata.T.astype(work) + jax.random.uniform(key_unif, (num, d), work)) / num
     u = jnp.clip(u, jnp.finfo(work).tiny, jnp.nextafter(jnp.ones((), work), 0))
-    return noise.quantile(u).reshape(num, *event_shape).astype(dtype)
+    return getattr(noise, "quantile")(u).reshape(num, *event_shape).astype(dtype)
 
 
 # Stratify the lengths of orthogonal samples up to this event size (see `_gamma_tails`).
