@@ -19,7 +19,7 @@ from scipy.stats import norm
 
 import structpert as sp
 from structpert._noise import latin_hypercube, orthogonal_normal
-from structpert._perturbed import _Config, _jacobian_terms
+from structpert._perturbed import _Config, _draw_noise, _jacobian_terms
 
 
 THETA5 = jnp.array([-0.6, 1.9, -0.2, 1.1, -1.0])
@@ -766,12 +766,9 @@ def test_stratified_chunks_and_pairs():
     b = both(sp.PerturbedOptimizer(sp.Permutahedron(), chunk_size=7, **base))
     for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(u, w, rtol=1e-12, atol=1e-12)
-    # one instance, pairs (z, -z): the sum of the 2 x 15 one-hot argmaxes over the
-    # samples is what 15 hypercube samples and their negations give
+    # one instance, 30 samples in pairs: 15 hypercube samples, then their negations
     opt = sp.PerturbedOptimizer(sp.Simplex(), antithetic=True, **base)
     cfg = opt._setup(theta[0], key, "test")[2]
-    from structpert._perturbed import _draw_noise
-
     z = np.asarray(_draw_noise(cfg, key, 1, (7,), jnp.dtype("float64")))[0]
     np.testing.assert_array_equal(z[15:], -z[:15])
     strata = np.sort(np.floor(norm.cdf(z[:15]) * 15).astype(int), axis=0)
@@ -820,8 +817,6 @@ def test_orthogonal_normal_is_standard_normal():
 def test_orthogonal_noise_of_instance_i_depends_only_on_key_and_i():
     """With orthogonal sampling, instance i draws its blocks from fold_in(key, i)
     (antithetic pairs: the M/2 first samples are orthogonal, the rest their negatives)."""
-    from structpert._perturbed import _draw_noise
-
     cfg = _Config(sp.Permutahedron(), sp.Normal(), 8, 1, "additive", "none", True, None,
                   orthogonal=True)
     f32 = jnp.dtype("float32")
