@@ -27,7 +27,8 @@ Three parts, all peers measured side by side in one run, in float32 as users run
 4. **Few samples** (structpert only): the control variates at M <= 2d.
 5. **Memory** (structpert only) of the layer, of a gradient step of a loss on y_eps
    and of the Fenchel-Young gradient step, with and without `chunk_size` (streamed
-   sums), from XLA's accounting of the compiled steps.
+   sums; independent and, on the simplex, stratified draws), from XLA's accounting
+   of the compiled steps.
 
 Timings are the minimum over repeats (the machine is shared with other jobs).
 
@@ -663,10 +664,17 @@ def memory(b=4, m=2000, d=500, chunk=400, repeats=5):
         ),
     }
     rows = []
-    for name, solver in (("simplex", sp.Simplex()), ("ranking", sp.Permutahedron())):
+    configs = (
+        ("simplex", sp.Simplex(), {}),
+        ("simplex, stratified", sp.Simplex(), {"stratified": True}),
+        ("ranking", sp.Permutahedron(), {}),
+    )
+    for name, solver, kw in configs:
         for what, make in steps.items():
             for chunk_size in (None, chunk):
-                opt = sp.PerturbedOptimizer(solver, sp.Normal(), 0.5, m, chunk_size=chunk_size)
+                opt = sp.PerturbedOptimizer(
+                    solver, sp.Normal(), 0.5, m, chunk_size=chunk_size, **kw
+                )
                 step = jax.jit(make(opt)).lower(theta, key).compile()
                 stats = step.memory_analysis()
                 temp = stats.temp_size_in_bytes / 1e6 if stats is not None else float("nan")
@@ -676,7 +684,7 @@ def memory(b=4, m=2000, d=500, chunk=400, repeats=5):
     print(f"(one array of all instances: {b * m * d * 4 / 1e6:.1f} MB; XLA's temporary memory)")
     for name, what, chunk_size, temp, t in rows:
         print(
-            f"  {name:8s} {what:20s} chunk_size={str(chunk_size):5s} temp {temp:7.1f} MB"
+            f"  {name:19s} {what:20s} chunk_size={str(chunk_size):5s} temp {temp:7.1f} MB"
             f"  {t * 1e3:8.1f} ms"
         )
     return rows

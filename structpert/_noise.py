@@ -13,7 +13,8 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray, UInt32
 
 
 class AbstractNoise(eqx.Module):
@@ -128,45 +129,90 @@ class Normal(AbstractNoise):
         return z
 
     def quantile(self, u: Float[Array, "..."]) -> Float[Array, "..."]:
-        """The inverse distribution function $\\Phi^{-1}(u)$, elementwise (for
-        `stratified=True`)."""
-        return jax.scipy.special.ndtri(u)
+        """The inverse distribution function $\\Phi^{-1}(u) = \\sqrt 2\\,
+        \\mathrm{erf}^{-1}(2u - 1)$, elementwise (for `stratified=True`). As in
+        `jax.random.normal`, $2u - 1$ is kept inside $(-1, 1)$, which bounds the result
+        (by 5.4 in float32); one fused elementwise operation, where
+        `jax.scipy.special.ndtri` takes several passes over the array."""
+        x = 2 * u - 1
+        one = jnp.ones((), x.dtype)
+        x = jnp.clip(x, jnp.nextafter(-one, 0), jnp.nextafter(one, 0))
+        return np.sqrt(2).astype(x.dtype) * jax.lax.erf_inv(x)
+
+
+def swap_rounds(num: int) -> int:
+    """The number of swap-or-not rounds of `latin_hypercube` for `num` samples.
+
+    In our measurements (rankings of 6 and 20 items, top-5 of 20, simplex of 5 and 100
+    with Gumbel noise; 400 keys), the Latin hypercube's error matched that of uniformly
+    random permutations (a sort of random keys) with 6 rounds up to 1000 samples and 8
+    at 4000, while fewer rounds left it up to 5 times higher; the rounds needed grow
+    like log(num), and this rule keeps a margin."""
+    return max(6, (num - 1).bit_length() - 3)
+
+
+def hypercube_params(
+    key: PRNGKeyArray, shape: tuple[int, ...], num: int
+) -> tuple[UInt32[Array, "..."], UInt32[Array, "..."], UInt32[Array, "..."]]:
+    """The random permutation and shift of each coordinate of a Latin hypercube of
+    `num` samples (`latin_hypercube`), for coordinates of `shape`: the shift (*shape,
+    1), uniform on 0..num-1, and the offsets and hash keys (*shape, R) of the R =
+    `swap_rounds(num)` rounds. One draw each: entry i of a partitionable Threefry draw
+    depends only on the key and i."""
+    rounds = swap_rounds(num)
+    key_shift, key_offset, key_hash = jax.random.split(key, 3)
+    shift = jax.random.randint(key_shift, (*shape, 1), 0, num).astype(jnp.uint32)
+    offsets = jax.random.randint(key_offset, (*shape, rounds), 0, num).astype(jnp.uint32)
+    return shift, offsets, jax.random.bits(key_hash, (*shape, rounds), jnp.uint32)
+
+
+def swap_or_not(
+    x: UInt32[Array, "..."], offsets, hash_keys, num: int | UInt32[Array, "..."]
+) -> UInt32[Array, "..."]:
+    """A keyed permutation of 0..num-1, applied to x, for any num: the swap-or-not
+    shuffle (Hoang, Morris and Rogaway, 2012). Round r pairs x with k_r - x (mod num)
+    and swaps the two when one random bit of the pair (a hash of the larger) is set,
+    so each round, hence the whole, is a bijection. Plain integer code: the
+    permutation of entry x is computed where it is needed, without sorting."""
+    n = jnp.asarray(num, jnp.uint32)
+    for r in range(offsets.shape[-1]):
+        k = offsets[..., r]
+        partner = jnp.where(x > k, k + n - x, k - x)
+        h = (jnp.maximum(x, partner) ^ hash_keys[..., r]) * np.uint32(0x9E3779B1)
+        h = (h ^ (h >> np.uint32(16))) * np.uint32(0x85EBCA6B)
+        x = jnp.where((h >> np.uint32(31)) == 1, partner, x)
+    return x
 
 
 def latin_hypercube(
-    noise: AbstractNoise, key: PRNGKeyArray, num: int, event_shape: tuple[int, ...],
-    dtype: jnp.dtype,
-) -> Float[Array, "..."]:
-    """`num` samples of `noise` (shape (num, *event_shape)) stratified in every
-    coordinate: a Latin hypercube.
+    noise: AbstractNoise,
+    u: Float[Array, "*batch count size"],
+    params: tuple[UInt32[Array, "..."], UInt32[Array, "..."], UInt32[Array, "..."]],
+    index: UInt32[Array, " count"],
+    num: int,
+) -> Float[Array, "*batch count size"]:
+    """Samples `index` (of 0..num-1) of a Latin hypercube of `num` samples of `noise`:
+    stratified in every coordinate.
 
-    Coordinate j of sample m is `noise.quantile((s_mj + V_mj) / num)`, with V uniform
+    Coordinate j of sample m is `noise.quantile((s_mj + u_mj) / num)`, with u uniform
     on [0, 1) and the strata s_mj = (pi_j(m) + r_j) mod num: pi_j a random permutation
-    (one per coordinate, independent) and r_j a uniform random shift. So the `num`
-    samples of each coordinate take one value in each of `num` equally likely strata,
-    which removes the part of the Monte-Carlo error that is additive in the
+    (one per coordinate, independent; `swap_or_not`) and r_j a uniform random shift
+    (`params` = `hypercube_params(...)` for the coordinates (*batch, size)). So the
+    `num` samples of each coordinate take one value in each of `num` equally likely
+    strata, which removes the part of the Monte-Carlo error that is additive in the
     coordinates, and each sample is still exactly the noise (the shift makes every
     stratum of every sample uniform and the coordinates independent, whatever the
-    permutations). The permutations sort random 32-bit keys carrying the sample index
-    in their low bits (one integer sort; equal keys keep the index order, which can
-    only make the permutation less random, never the law of a sample wrong). Cost: a
-    sort of `num` keys per coordinate.
+    permutations). Every entry is computed on its own, so any subset of the samples
+    can be drawn (a chunk of them, with the same values as in the whole draw).
     """
-    d = math.prod(event_shape)
-    work = jnp.promote_types(dtype, jnp.float32)
-    key_perm, key_shift, key_unif = jax.random.split(key, 3)
-    bits = jax.random.bits(key_perm, (d, num), jnp.uint32)
-    index = jnp.broadcast_to(jnp.arange(num, dtype=jnp.uint32), bits.shape)
-    index_bits = max(1, (num - 1).bit_length())
-    if index_bits <= 16:  # index in the low bits: one key to sort
-        perm = jax.lax.sort(bits << index_bits | index, dimension=1) & (2**index_bits - 1)
-    else:
-        perm = jax.lax.sort((bits, index), dimension=1, num_keys=1)[1]
-    shift = jax.random.randint(key_shift, (d, 1), 0, num)
-    strata = (perm.astype(jnp.int32) + shift) % num
-    u = (strata.T.astype(work) + jax.random.uniform(key_unif, (num, d), work)) / num
-    u = jnp.clip(u, jnp.finfo(work).tiny, jnp.nextafter(jnp.ones((), work), 0))
-    return getattr(noise, "quantile")(u).reshape(num, *event_shape).astype(dtype)
+    shift, offsets, hash_keys = params
+    work = u.dtype
+    x = jnp.broadcast_to(index[:, None], u.shape)
+    strata = swap_or_not(x, offsets[..., None, :, :], hash_keys[..., None, :, :], num)
+    strata = (strata + shift[..., None, :, 0]) % np.uint32(num)
+    v = (strata.astype(work) + u) / num
+    v = jnp.clip(v, jnp.finfo(work).tiny, jnp.nextafter(jnp.ones((), work), 0))
+    return getattr(noise, "quantile")(v)
 
 
 # Stratify the lengths of orthogonal samples up to this event size (see `_gamma_tails`).

@@ -23,6 +23,7 @@ from ._noise import (
     AbstractNoise,
     Gumbel,
     has_quantile,
+    hypercube_params,
     latin_hypercube,
     Normal,
     orthogonal_normal,
@@ -77,34 +78,70 @@ def _draw_noise(
     and its index, and as the batch is the leading axis, instance i's entries have
     the same indices for any batch size (one random-number kernel to compile instead
     of two). Otherwise instance i draws from `jax.random.fold_in(key, i)`; with
-    `orthogonal`, its M (or M/2 antithetic) samples are orthogonal in blocks; with
-    `stratified`, they are a Latin hypercube.
+    `orthogonal`, its M (or M/2 antithetic) samples are orthogonal in blocks. With
+    `stratified`, they are a Latin hypercube (`_stratified_noise`), drawn the same way.
 
     Threefry keys draw their bits through `fast_threefry_key`: the same numbers as
     with `key` itself, in one fused kernel instead of JAX's CPU loop. With `window`
     = (start, count), a one-draw noise gives only samples start..start+count-1 of
     each instance (`window_key`; see `_streamed_sums`), shape (batch, count, *event),
-    or twice count with antithetic pairs.
+    or twice count with antithetic pairs; so does a stratified noise.
     """
     m = _independent(cfg, cfg.num_samples)
-    one_draw = not (cfg.orthogonal or cfg.stratified) and _one_draw(cfg.noise, key)
-    if window is not None:
+    if cfg.stratified:
+        z = _stratified_noise(cfg, key, batch, event_shape, dtype, window)
+    elif window is not None:
         start, count = window
         key = window_key(key, start, batch, m, count, math.prod(event_shape))
         z = cfg.noise.sample(key, (batch, count, *event_shape), dtype)
-    elif one_draw:
+    elif not cfg.orthogonal and _one_draw(cfg.noise, key):
         z = cfg.noise.sample(fast_threefry_key(key), (batch, m, *event_shape), dtype)
     else:
         key = fast_threefry_key(key)
         if cfg.orthogonal:
             draw = lambda k: orthogonal_normal(k, m, event_shape, dtype)
-        elif cfg.stratified:
-            draw = lambda k: latin_hypercube(cfg.noise, k, m, event_shape, dtype)
         else:
             draw = lambda k: cfg.noise.sample(k, (m, *event_shape), dtype)
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
-        z = jax.vmap(draw)(keys)
+        z = jax.vmap(draw)(_instance_keys(key, batch))
     return jnp.concatenate([z, -z], axis=1) if cfg.antithetic else z
+
+
+def _instance_keys(key: PRNGKeyArray, batch: int) -> Array:
+    """fold_in(key, i) for the instances i of the batch."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+
+
+def _stratified_noise(
+    cfg: _Config, key: PRNGKeyArray, batch: int, event_shape, dtype, window=None
+) -> Array:
+    """The Latin hypercube of each instance (`latin_hypercube`), (batch, count,
+    *event): all M samples, or those of `window` = (start, count) (padding past M
+    repeats samples). Its uniform numbers and the coordinates' permutations are one
+    draw each with a partitionable Threefry key (batch-size independent, as for
+    independent draws, and a window draws its slice with `window_key`); otherwise
+    instance i draws them from `jax.random.fold_in(key, i)`."""
+    m = _independent(cfg, cfg.num_samples)
+    size = math.prod(event_shape)
+    work = jnp.promote_types(dtype, jnp.float32)
+    start, count = window if window is not None else (jnp.zeros((), jnp.uint32), m)
+
+    def draws(key, lead):
+        key_u, key_p = jax.random.split(key)
+        if window is None:
+            key_u = fast_threefry_key(key_u)
+        else:
+            key_u = window_key(key_u, start, batch, m, count, size)
+        u = jax.random.uniform(key_u, (*lead, count, size), work)
+        return u, hypercube_params(fast_threefry_key(key_p), (*lead, size), m)
+
+    if is_partitionable_threefry(key):
+        u, params = draws(key, (batch,))
+    else:
+        assert window is None  # (streaming needs a partitionable key: `_streams`)
+        u, params = jax.vmap(lambda k: draws(k, ()))(_instance_keys(key, batch))
+    index = (start + jnp.arange(count, dtype=jnp.uint32)) % m
+    z = latin_hypercube(cfg.noise, u, params, index, m)
+    return z.reshape(batch, count, *event_shape).astype(dtype)
 
 
 def _one_draw(noise: AbstractNoise, key: PRNGKeyArray) -> bool:
@@ -582,13 +619,13 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
 def _streams(cfg: _Config, key: PRNGKeyArray, batch: int, size: int) -> bool:
     """Whether the layer and `max` run in chunks of samples with `chunk_size` (see
     `_streamed_sums`): the built-in elementwise noises with a partitionable Threefry
-    key, one device, independent draws."""
+    key, one device, independent or stratified draws (not `orthogonal`)."""
     m = _independent(cfg, cfg.num_samples)
     return (
         cfg.chunk_size is not None
         and cfg.chunk_size < batch * cfg.num_samples
         and cfg.mesh is None
-        and not (cfg.orthogonal or cfg.stratified)
+        and not cfg.orthogonal
         and type(cfg.noise) in (Gumbel, Normal)
         and _one_draw(cfg.noise, key)
         and 2 * batch * (2 * m) * size < 2**32
@@ -1036,8 +1073,8 @@ class PerturbedOptimizer(eqx.Module):
       many at a time (bounds the solver's working memory; same result for the same key).
       With a `mesh`, the chunks are taken on each device. Without one, the layer,
       `max` and the Fenchel-Young loss also draw, solve and sum the samples chunk by
-      chunk (with `Gumbel` or `Normal` noise, a `jax.random.key` and independent
-      draws; the same noise as unchunked, equal results up to rounding; a last
+      chunk (with `Gumbel` or `Normal` noise, a `jax.random.key` and independent or
+      stratified draws; the same noise as unchunked, equal results up to rounding; a last
       partial chunk is solved in full). Values, the Fenchel-Young gradient and
       forward-mode derivatives then hold about `chunk_size` perturbed instances
       instead of all of them; reverse-mode derivatives of the layer also keep the
@@ -1072,21 +1109,23 @@ class PerturbedOptimizer(eqx.Module):
       equally likely strata, and each sample is still exactly the noise, so values
       stay unbiased. It removes the part of the error that is additive in the noise's
       coordinates. At $M = 200$ in our benchmark, the mean squared error of the
-      Fenchel-Young gradient ($y_\varepsilon - y$) was 0.33 to 0.79 times that of
-      independent draws on the simplex (Gumbel noise), 0.33 to 0.46 on 6-item and
-      0.022 to 0.026 on 100-item rankings, 0.24 on top-10 and 0.54 to 0.58 on 5 x 5
+      Fenchel-Young gradient ($y_\varepsilon - y$) was 0.35 to 0.80 times that of
+      independent draws on the simplex (Gumbel noise), 0.33 to 0.44 on 6-item and
+      0.022 to 0.026 on 100-item rankings, 0.23 to 0.24 on top-10 and 0.56 to 0.59 on 5 x 5
       assignments (Normal noise), below antithetic pairs' everywhere; that of the
-      gradient of a loss on $y_\varepsilon$ was 0.50 to 0.99 times the default's.
+      gradient of a loss on $y_\varepsilon$ was 0.43 to 1.0 times the default's.
       The control variates still treat the draws as independent, which leaves a bias
       of order $1/M$ in the derivatives of a loss on $y_\varepsilon$ (on a 6-item
       ranking, 1.9% of the gradient's norm at $M = 200$ against 1.1% with
       independent draws, whose root mean squared error was 15%). `stats` treats
       the samples as independent too, which overstates the error of values.
       Needs a noise with a `quantile` method ([`structpert.Gumbel`][],
-      [`structpert.Normal`][]); not with `orthogonal`. Cost: a sort of $M$ keys per
-      coordinate, 3 to 4 ms on a CPU at $d = 100$, $M = 1000$: worth it when a
-      solver call costs more than that, or when solver calls are what is counted
-      (default `False`).
+      [`structpert.Normal`][]); not with `orthogonal`. Works with `chunk_size`
+      (drawn chunk by chunk). Cost: a keyed shuffle of the strata per entry, about
+      as much again as drawing the noise (0.5 to 0.6 ms on a 2-core CPU at $d =
+      100$, $M = 1000$): worth it with any solver that costs more than drawing the
+      noise, or when solver calls are what is counted; on the argmax of a vector,
+      a step takes up to 2 times as long (default `False`).
 
     **Keys:** one key for the whole batch; the noise of instance $i$ (in row-major
     order over the batch axes) depends only on the key and $i$, so results do not

@@ -270,22 +270,29 @@ class _NotElementwiseNormal(sp.Normal):
 
 
 @pytest.mark.parametrize(
-    "noise, impl, antithetic, one_draw",
+    "noise, impl, antithetic, one_draw, stratified",
     [
-        (sp.Normal(), "threefry2x32", False, True),
-        (sp.Normal(), "threefry2x32", True, True),
-        (sp.Gumbel(), "threefry2x32", False, True),
-        (sp.Normal(), "rbg", False, False),
-        (_NotElementwiseNormal(), "threefry2x32", True, False),
+        (sp.Normal(), "threefry2x32", False, True, False),
+        (sp.Normal(), "threefry2x32", True, True, False),
+        (sp.Gumbel(), "threefry2x32", False, True, False),
+        (sp.Normal(), "rbg", False, False, False),
+        (_NotElementwiseNormal(), "threefry2x32", True, False, False),
+        (sp.Gumbel(), "threefry2x32", False, True, True),
+        (sp.Normal(), "rbg", True, False, True),
     ],
 )
-def test_noise_of_instance_i_depends_only_on_key_and_i(noise, impl, antithetic, one_draw):
+def test_noise_of_instance_i_depends_only_on_key_and_i(
+    noise, impl, antithetic, one_draw, stratified
+):
     from structpert._perturbed import _Config, _draw_noise, _one_draw
 
     key = jax.random.key(7, impl=impl)
     f32 = jnp.dtype("float32")
     assert _one_draw(noise, key) == one_draw
-    cfg = _Config(sp.Permutahedron(), noise, 6, 1, "additive", "none", antithetic, None)
+    cfg = _Config(
+        sp.Permutahedron(), noise, 6, 1, "additive", "none", antithetic, None,
+        stratified=stratified,
+    )
     z9 = _draw_noise(cfg, key, 9, (4,), f32)
     z2 = _draw_noise(cfg, key, 2, (4,), f32)
     assert z9.shape == (9, 6, 4)
@@ -296,7 +303,8 @@ def test_noise_of_instance_i_depends_only_on_key_and_i(noise, impl, antithetic, 
     assert np.unique(np.asarray(z9[:, : 3 if antithetic else 6])).size == 9 * 4 * (
         3 if antithetic else 6
     )
-    if not one_draw and impl == "threefry2x32":  # the fallback draws from fold_in(key, i)
+    if not (one_draw or stratified) and impl == "threefry2x32":
+        # the fallback draws from fold_in(key, i)
         z = noise.sample(jax.random.fold_in(key, 5), (3 if antithetic else 6, 4), f32)
         np.testing.assert_array_equal(z9[5, : z.shape[0]], z)
 

@@ -18,7 +18,12 @@ from helpers import BAD_INPUT, mc_tol
 from scipy.stats import norm
 
 import structpert as sp
-from structpert._noise import latin_hypercube, orthogonal_normal
+from structpert._noise import (
+    hypercube_params,
+    latin_hypercube,
+    orthogonal_normal,
+    swap_or_not,
+)
 from structpert._perturbed import _Config, _draw_noise, _jacobian_terms
 
 
@@ -264,6 +269,8 @@ def test_chunked_equals_unchunked():
         ({"noise": sp.Gumbel(), "control_variate": "unperturbed"}, 45),
         ({"noise": sp.Normal(), "control_variate": "none", "symmetric_jacobian": False}, 7),
         ({"noise": sp.Normal(), "control_variate": "regression", "antithetic": True}, 7),
+        ({"noise": sp.Gumbel(), "stratified": True}, 7),
+        ({"noise": sp.Normal(), "stratified": True, "antithetic": True}, 45),
     ],
 )
 def test_streamed_equals_unchunked(kwargs, chunk):
@@ -320,7 +327,7 @@ def test_streamed_steps_bound_memory():
     sized array is 0.8 MB here, an array of all batch x num_samples instances 16 MB).
     Measured on this CPU, unchunked / chunked: the Fenchel-Young gradient step 48 /
     4.0 MB, the layer alone 16 / 2.4 MB, a gradient step of a loss on y_eps 48 / 19.3
-    MB (its residual: the solutions of all samples)."""
+    MB (its residual: the solutions of all samples). Stratified draws stream too."""
     b, m, d = 4, 2000, 500
     theta = jnp.ones((b, d), jnp.float32)
     y = jnp.zeros((b, d), jnp.float32)
@@ -344,6 +351,10 @@ def test_streamed_steps_bound_memory():
     # (on an H100 GPU the FY step took 3.2 MB against 20 MB, XLA fusing more of the
     # unchunked step)
     assert fy(400) < min(8 * chunk_array, 0.25 * fy(None))
+    stratified = lambda t, k: sp.FenchelYoungLoss(
+        sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), 0.5, m, chunk_size=400, stratified=True)
+    )(t, y, key=k).sum()
+    assert _temp_bytes(jax.value_and_grad(stratified), theta, key) < 8 * chunk_array
     assert layer(400) < min(8 * chunk_array, 0.25 * layer(None))
     if jax.default_backend() == "cpu":
         # On an H100 and an H200 GPU this step kept two arrays of all samples (32 MB
@@ -689,19 +700,48 @@ def _gumbel_cdf(z):
     return np.exp(-np.exp(-z))
 
 
-@pytest.mark.parametrize("noise, cdf, num, shape", [
-    (sp.Normal(), norm.cdf, 37, (3,)), (sp.Gumbel(), _gumbel_cdf, 5, (2, 2)),
-    (sp.Normal(), norm.cdf, 70_000, (2,))])
-def test_latin_hypercube_strata(noise, cdf, num, shape):
+def _hypercube(noise, key, num, size, dtype=jnp.float64):
+    """All `num` samples (num, size) of a Latin hypercube, drawn as the layer does."""
+    key_u, key_p = jax.random.split(key)
+    u = jax.random.uniform(key_u, (num, size), dtype)
+    index = jnp.arange(num, dtype=jnp.uint32)
+    return latin_hypercube(noise, u, hypercube_params(key_p, (size,), num), index, num)
+
+
+def test_swap_or_not_permutes():
+    """The keyed shuffle of the strata is a permutation of 0..num-1 for every num (1
+    to 300, three keys each, at once; and a few larger ones), and far from the
+    identity; a window of indices gives the same values as the whole."""
+    nums = jnp.arange(1, 301, dtype=jnp.uint32)[:, None, None]  # (num, 1, coordinate)
+    bits = jax.random.bits(jax.random.key(0), (2, 300, 3, 6), jnp.uint32)
+    x = jnp.broadcast_to(jnp.arange(300, dtype=jnp.uint32)[None, :, None], (300, 300, 3))
+    perm = np.asarray(swap_or_not(x, (bits[0] % nums)[:, None], bits[1][:, None], nums))
+    for num in range(1, 301):
+        np.testing.assert_array_equal(
+            np.sort(perm[num - 1, :num], axis=0), np.repeat(np.arange(num)[:, None], 3, axis=1)
+        )
+    for num in [1025, 70_000]:
+        params = hypercube_params(jax.random.key(num), (3,), num)
+        x = jnp.broadcast_to(jnp.arange(num, dtype=jnp.uint32)[:, None], (num, 3))
+        perm = np.asarray(swap_or_not(x, params[1][None], params[2][None], num))
+        np.testing.assert_array_equal(np.sort(perm, axis=0), np.asarray(x))
+        assert np.all(np.mean(perm != np.asarray(x), axis=0) > 0.9)
+        part = swap_or_not(x[40:70], params[1][None], params[2][None], num)
+        np.testing.assert_array_equal(perm[40:70], part)
+
+
+@pytest.mark.parametrize("noise, cdf, num, size", [
+    (sp.Normal(), norm.cdf, 37, 3), (sp.Gumbel(), _gumbel_cdf, 5, 4),
+    (sp.Normal(), norm.cdf, 70_000, 2)])
+def test_latin_hypercube_strata(noise, cdf, num, size):
     """In every coordinate the samples fall one in each of `num` equally likely
-    strata (70 000 samples sort two keys instead of one), and the coordinates'
-    strata are not tied to each other: the differences of two coordinates' strata
-    take many values (a random pair of permutations gives about (1 - 1/e) num; a
-    shared permutation would give one)."""
-    z = np.asarray(latin_hypercube(noise, jax.random.key(3), num, shape, jnp.dtype("float64")))
-    assert z.shape == (num, *shape)
-    strata = np.floor(cdf(z.reshape(num, -1)) * num).astype(int)
-    for j in range(strata.shape[1]):
+    strata, and the coordinates' strata are not tied to each other: the differences
+    of two coordinates' strata take many values (a random pair of permutations gives
+    about (1 - 1/e) num; a shared permutation would give one)."""
+    z = np.asarray(_hypercube(noise, jax.random.key(3), num, size))
+    assert z.shape == (num, size)
+    strata = np.floor(cdf(z) * num).astype(int)
+    for j in range(size):
         np.testing.assert_array_equal(np.sort(strata[:, j]), np.arange(num))
     if num > 5:
         assert len(np.unique((strata[:, 0] - strata[:, 1]) % num)) > num / 2
@@ -714,8 +754,7 @@ def test_latin_hypercube_samples_are_the_noise():
     strata (their sum varies far less than for independent draws)."""
     reps, num = 20_000, 5
     keys = jax.random.split(jax.random.key(2), reps)
-    draw = lambda k: latin_hypercube(sp.Gumbel(), k, num, (3,), jnp.dtype("float64"))
-    z = np.asarray(jax.vmap(draw)(keys))  # (reps, num, 3)
+    z = np.asarray(jax.vmap(lambda k: _hypercube(sp.Gumbel(), k, num, 3))(keys))
     gamma, var = np.euler_gamma, np.pi**2 / 6
     for m in (0, num - 1):
         x = z[:, m]
@@ -750,25 +789,15 @@ def test_stratified_is_unbiased_with_lower_variance():
     assert np.all(err <= mc_tol(jacs.std(0), reps))
 
 
-def test_stratified_chunks_and_pairs():
-    """With `stratified`, `chunk_size` only splits the solver calls (same values and
-    gradients for the same key), and antithetic pairs are the hypercube and its
-    negation."""
-    theta = jax.random.normal(jax.random.key(0), (3, 7))
+def test_stratified_pairs():
+    """With `stratified` and antithetic pairs, the samples are the hypercube of the
+    first half, then its negation. (Chunks: `test_streamed_equals_unchunked`.)"""
+    theta = jax.random.normal(jax.random.key(0), (7,))
     key = jax.random.key(5)
-    base: dict[str, Any] = dict(noise=sp.Normal(), sigma=0.4, num_samples=30, stratified=True)
-
-    @jax.jit
-    def both(opt):
-        return opt(theta, key=key), jax.grad(lambda s: jnp.sum(opt(s, key=key) ** 2))(theta)
-
-    a = both(sp.PerturbedOptimizer(sp.Permutahedron(), **base))
-    b = both(sp.PerturbedOptimizer(sp.Permutahedron(), chunk_size=7, **base))
-    for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(u, w, rtol=1e-12, atol=1e-12)
-    # one instance, 30 samples in pairs: 15 hypercube samples, then their negations
-    opt = sp.PerturbedOptimizer(sp.Simplex(), antithetic=True, **base)
-    cfg = opt._setup(theta[0], key, "test")[2]
+    opt = sp.PerturbedOptimizer(
+        sp.Simplex(), sp.Normal(), 0.4, 30, antithetic=True, stratified=True
+    )
+    cfg = opt._setup(theta, key, "test")[2]
     z = np.asarray(_draw_noise(cfg, key, 1, (7,), jnp.dtype("float64")))[0]
     np.testing.assert_array_equal(z[15:], -z[:15])
     strata = np.sort(np.floor(norm.cdf(z[:15]) * 15).astype(int), axis=0)
