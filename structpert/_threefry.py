@@ -103,12 +103,17 @@ def _fused(index: Array, bit_width: int):
     if index.size > _WRITE_ONCE_MAX_SIZE:
         return bits
     # XLA copies cheap integer code into every kernel that reads its result, and the
-    # normal sampler reads its uniforms in three kernels: three hashes per entry. A
-    # conditional is a kernel boundary, so its result is computed once and written
-    # out. Its predicate always holds (a 32-bit word has at most 32 set bits), which
-    # XLA does not know.
-    zeros = lambda key: jnp.zeros(index.shape, _UINT.get(bit_width, jnp.uint64))
-    return lambda key: lax.cond(lax.population_count(key[0]) <= 32, bits, zeros, key)
+    # normal sampler reads its uniforms in three kernels: three hashes per entry.
+    return lambda key: written_out(bits(key), key[0])
+
+
+def written_out(x: Array, word: Array) -> Array:
+    """x, computed in one pass and written out: the operand of a conditional, which is
+    a kernel boundary, so XLA does not fuse the code that computes x into the kernels
+    that read it. The predicate always holds (a 32-bit word has at most 32 set bits),
+    which XLA does not know; `word` is any uint32 scalar computed at run time (a key
+    word)."""
+    return lax.cond(lax.population_count(word) <= 32, lambda x: x, jnp.zeros_like, x)
 
 
 def _combine(hi: Array, lo: Array, bit_width: int) -> Array:
