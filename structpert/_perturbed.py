@@ -1133,8 +1133,8 @@ class PerturbedOptimizer(eqx.Module):
       coordinates. At $M = 200$ in our benchmark, the mean squared error of the
       Fenchel-Young gradient ($y_\varepsilon - y$) was 0.35 to 0.80 times that of
       independent draws on the simplex (Gumbel noise), 0.33 to 0.44 on 6-item and
-      0.022 to 0.026 on 100-item rankings, 0.23 to 0.24 on top-10 and 0.56 to 0.59 on 5 x 5
-      assignments (Normal noise), below antithetic pairs' everywhere; that of the
+      0.022 to 0.026 on 100-item rankings, 0.23 to 0.24 on top-10 and 0.56 to 0.59
+      on 5 x 5 assignments (Normal noise), below antithetic pairs' everywhere; that of the
       gradient of a loss on $y_\varepsilon$ was 0.43 to 1.0 times the default's.
       The control variates still treat the draws as independent, which leaves a bias
       of order $1/M$ in the derivatives of a loss on $y_\varepsilon$ (on a 6-item
@@ -1144,10 +1144,10 @@ class PerturbedOptimizer(eqx.Module):
       Needs a noise with a `quantile` method ([`structpert.Gumbel`][],
       [`structpert.Normal`][]); not with `orthogonal`. Works with `chunk_size`
       (drawn chunk by chunk). Cost: a keyed shuffle of the strata per entry, about
-      as much again as drawing the noise (0.5 to 0.6 ms on a 2-core CPU at $d =
+      as much again as drawing the noise (0.4 to 0.5 ms on a 2-core CPU at $d =
       100$, $M = 1000$): worth it with any solver that costs more than drawing the
       noise, or when solver calls are what is counted; on the argmax of a vector,
-      a step takes up to 2 times as long (default `False`).
+      a step took 1.25 to 2.7 times as long (default `False`).
 
     **Keys:** one key for the whole batch; the noise of instance $i$ (in row-major
     order over the batch axes) depends only on the key and $i$, so results do not

@@ -326,8 +326,9 @@ def test_streamed_steps_bound_memory():
     """XLA's own accounting of the compiled steps, with `chunk_size` = 400 (a chunk-
     sized array is 0.8 MB here, an array of all batch x num_samples instances 16 MB).
     Measured on this CPU, unchunked / chunked: the Fenchel-Young gradient step 48 /
-    4.0 MB, the layer alone 16 / 2.4 MB, a gradient step of a loss on y_eps 48 / 19.3
-    MB (its residual: the solutions of all samples). Stratified draws stream too."""
+    4.0 MB, the layer alone 32 / 2.4 MB (unchunked, it writes out the perturbed
+    inputs), a gradient step of a loss on y_eps 48 / 19.3 MB (its residual: the
+    solutions of all samples). Stratified draws stream too (5.0 MB)."""
     b, m, d = 4, 2000, 500
     theta = jnp.ones((b, d), jnp.float32)
     y = jnp.zeros((b, d), jnp.float32)
