@@ -27,7 +27,9 @@ class AbstractNoise(eqx.Module):
     `jax.random.normal`); the layer then draws a whole batch in one call (see
     `PerturbedOptimizer`, **Keys**), which compiles faster. Define a method
     `quantile(u)`, the inverse distribution function of one coordinate, to allow
-    `stratified=True` (as `Gumbel` and `Normal` do).
+    `stratified=True` (as `Gumbel` and `Normal` do), and a method `density(z)`, the
+    density of one coordinate, to allow the conditional Jacobian estimator
+    (`jacobian="conditional"` of `PerturbedOptimizer`; `Gumbel` and `Normal` have it).
 
     !!! Example
 
@@ -77,6 +79,12 @@ class AbstractNoise(eqx.Module):
         """
 
 
+def has_density(noise: AbstractNoise) -> bool:
+    """Whether `noise` has a `density` method, the density of one coordinate
+    (`Gumbel`, `Normal`), which the conditional Jacobian estimator needs."""
+    return callable(getattr(type(noise), "density", None))
+
+
 def has_quantile(noise: AbstractNoise) -> bool:
     """Whether `noise` has a `quantile` method, the inverse of the distribution
     function of one coordinate (`Gumbel`, `Normal`), which stratified draws need."""
@@ -108,6 +116,10 @@ class Gumbel(AbstractNoise):
         `stratified=True`)."""
         return -jnp.log(-jnp.log(u))
 
+    def density(self, z: Float[Array, "..."]) -> Float[Array, "..."]:
+        """The density $e^{-z - e^{-z}}$, elementwise (for `jacobian="conditional"`)."""
+        return jnp.exp(-z - jnp.exp(-z))
+
 
 class Normal(AbstractNoise):
     """Standard normal noise: $\\nu(z) = z^2/2$, so $\\nabla\\nu(z) = z$.
@@ -138,6 +150,11 @@ class Normal(AbstractNoise):
         one = jnp.ones((), x.dtype)
         x = jnp.clip(x, jnp.nextafter(-one, 0), jnp.nextafter(one, 0))
         return np.sqrt(2).astype(x.dtype) * jax.lax.erf_inv(x)
+
+    def density(self, z: Float[Array, "..."]) -> Float[Array, "..."]:
+        """The density $e^{-z^2/2} / \\sqrt{2\\pi}$, elementwise (for
+        `jacobian="conditional"`)."""
+        return jnp.exp(-(z**2) / 2) * np.asarray(1 / math.sqrt(2 * math.pi), z.dtype)
 
 
 def swap_rounds(num: int) -> int:

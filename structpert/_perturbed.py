@@ -22,6 +22,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._noise import (
     AbstractNoise,
     Gumbel,
+    has_density,
     has_quantile,
     hypercube_params,
     latin_hypercube,
@@ -29,7 +30,7 @@ from ._noise import (
     orthogonal_normal,
 )
 from ._sharding import check_mesh, shard_solve
-from ._solvers.base import AbstractSolver, shift_invariant_axes, solve_batch
+from ._solvers.base import AbstractSolver, exchanges_of, shift_invariant_axes, solve_batch
 from ._threefry import fast_threefry_key, is_partitionable_threefry, window_key, written_out
 
 
@@ -37,8 +38,10 @@ Perturbation = Literal["additive", "multiplicative"]
 ControlVariate = Literal[
     "auto", "none", "leave_one_out", "unperturbed", "regression", "covariance"
 ]
+Jacobian = Literal["auto", "conditional", "score"]
 _PERTURBATIONS = ("additive", "multiplicative")
 _CONTROL_VARIATES = ("auto", "none", "leave_one_out", "unperturbed", "regression", "covariance")
+_JACOBIANS = ("auto", "conditional", "score")
 # "regression" stores a d x d matrix per instance; beyond this size, refuse.
 _REGRESSION_MAX_SIZE = 4096
 
@@ -65,6 +68,9 @@ class _Config(eqx.Module):
     # Event axes along which the solution is shift-invariant (the solver's
     # `shift_invariant_axes`), used by the Jacobian estimator (`_invariant_free`).
     invariant_axes: tuple[int, ...] = eqx.field(default=(), static=True)
+    # The Jacobian of y_eps by conditional Monte Carlo (`_exchange_sums`), not the
+    # score function.
+    conditional: bool = eqx.field(default=False, static=True)
 
 
 def _draw_noise(
@@ -590,6 +596,76 @@ def _jacobian_tangent(
     return plain + by_sigma
 
 
+def _exchange_sums(
+    cfg: _Config, theta: Array, sigma, perturbed: Array, y: Array, keep, u, want_sigma: bool
+):
+    """Sums over a block of samples (B, k, *event) of the conditional Monte-Carlo
+    estimates of d y_eps along the tangent u (B, D) (None: zeros) and along sigma
+    (B, D) (zeros unless `want_sigma`); `keep` (k,) masks padding, or None.
+
+    The solver's `exchanges` lists, for sample m and entry i, the levels t_mik of
+    theta~_i, set by the other entries, where the solution gains e_i - e_p (p =
+    partner). Over entry i's own noise alone (the others fixed), the solution's mean
+    is then  sum_k (e_i - e_p) P(theta_i + sigma Z_i > t_mik)  + terms free of
+    theta_i, whose derivatives are closed-form: with z = (t - theta_i) / sigma and w =
+    density(z) / sigma,
+
+        d / d theta_i:  sum_k w (e_i - e_p),     d / d sigma:  sum_i sum_k w z (e_i - e_p).
+
+    Each sample's noise of the other entries has its true law (also with antithetic,
+    orthogonal or stratified draws), so the estimate is unbiased; it is exact along
+    each entry's own noise, which is most of the score function's error. Levels of
+    -inf or +inf (no exchange) add nothing."""
+    b, k = perturbed.shape[:2]
+    event = theta.shape[1:]
+    d = math.prod(event)
+    hook = exchanges_of(cfg.solver)
+    assert hook is not None
+    flat_p = perturbed.reshape(b * k, *event)
+    levels, partners = jax.vmap(hook)(flat_p, y.reshape(b * k, *y.shape[2:]))
+    levels = levels.reshape(b, k, d, -1).astype(theta.dtype)
+    z = (levels - theta.reshape(b, 1, d, 1)) / sigma
+    finite = jnp.isfinite(z)
+    z = jnp.where(finite, z, 0)
+    w = jnp.where(finite, getattr(cfg.noise, "density")(z), 0) / sigma
+    if keep is not None:
+        w = w * keep.reshape(1, k, 1, 1)
+    zeros = jnp.zeros((b, d), theta.dtype)
+    if partners is None:  # partner k is entry k: sum over the samples first, (B, D, D)
+        a = jnp.sum(w, axis=1)
+        jt = zeros if u is None else jnp.sum(a, -1) * u - jnp.einsum("bik,bi->bk", a, u)
+        by_sigma = zeros
+        if want_sigma:
+            az = jnp.sum(w * z, axis=1)
+            by_sigma = jnp.sum(az, -1) - jnp.sum(az, -2)
+        return jt, by_sigma
+    partners = partners.reshape(b, k * d * levels.shape[-1])
+
+    def spread(x):  # sum_m,i,k x_mik (e_i - e_p), (B, D)
+        out = jnp.sum(x, axis=(1, 3))
+        lost = jax.vmap(lambda p, v: jnp.zeros((d,), v.dtype).at[p].add(v))(
+            partners, x.reshape(b, -1)
+        )
+        return out - lost
+
+    jt = zeros if u is None else spread(w * u.reshape(b, 1, d, 1))
+    by_sigma = spread(w * z) if want_sigma else zeros
+    return jt, by_sigma
+
+
+def _conditional_tangent(cfg: _Config, sums_of, t, t_sigma, event_shape) -> Array:
+    """d y_eps (times M) from `sums_of(u, want_sigma)` = the sums of `_exchange_sums`
+    over all samples, for the tangents t (B, D) (or None) and t_sigma. The projection
+    of `_invariant_free` is applied to the tangent and to the result (J = Q J Q)."""
+    project = lambda x: _invariant_free(cfg, x, event_shape)
+    u = None if t is None else project(t)
+    jt, by_sigma = sums_of(u, t_sigma is not None)
+    d_y = project(jt) if u is not None else jnp.zeros_like(jt)
+    if t_sigma is not None:
+        d_y = d_y + t_sigma * by_sigma
+    return d_y
+
+
 @eqx.filter_custom_jvp
 def _kernel(theta, sigma, key, *, cfg: _Config):
     """(y_eps (B, *out), F_eps (B,)) from one solver pass; theta is (B, *event)."""
@@ -612,8 +688,17 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
     y_eps, f_eps = _reduce(theta.shape, perturbed, y)
     b, m = y.shape[:2]
     d = math.prod(theta.shape[1:])
-    multiplicative = cfg.perturbation == "multiplicative"
     same_shape = y.shape[2:] == theta.shape[1:]
+    d_f = jnp.zeros((b,), theta.dtype)
+    if same_shape:
+        g_theta, g_sigma = _max_grad_sums(cfg, sigma, z, perturbed, y)
+        d_f = _max_tangent(g_theta / m, g_sigma / m, t_theta, t_sigma)
+    if cfg.conditional:
+        sums_of = lambda u, want: _exchange_sums(cfg, theta, sigma, perturbed, y, None, u, want)
+        t = None if t_theta is None else t_theta.reshape(b, d)
+        d_y = _conditional_tangent(cfg, sums_of, t, t_sigma, theta.shape[1:]) / m
+        return (y_eps, f_eps), (d_y.reshape(y_eps.shape), d_f)
+    multiplicative = cfg.perturbation == "multiplicative"
     terms = _jacobian_terms(cfg, theta, z, y, y_plain)
     c, gn, gs = terms.centred, terms.grad_nu, terms.scores
     t = u = None
@@ -627,10 +712,6 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
     apply_p = None if terms.moment is None else (lambda v: _apply_p(gs, v))
     d_y = _jacobian_tangent(cfg, m, sums_of, terms.alpha, u, theta.shape[1:], apply_p)
     d_y = d_y / (m * sigma)
-    d_f = jnp.zeros((b,), theta.dtype)
-    if same_shape:
-        g_theta, g_sigma = _max_grad_sums(cfg, sigma, z, perturbed, y)
-        d_f = _max_tangent(g_theta / m, g_sigma / m, t_theta, t_sigma)
     return (y_eps, f_eps), (d_y.reshape(y_eps.shape), d_f)
 
 
@@ -758,6 +839,25 @@ def _streamed_kernel_jvp(primals, tangents, *, cfg: _Config):
     multiplicative = cfg.perturbation == "multiplicative"
     ys = ys.reshape(num_chunks, b, pairs * c, d)
     chunks = jnp.arange(num_chunks)
+    if cfg.conditional:
+        def exchange_sums(u, want_sigma):
+            @jax.checkpoint
+            def step(acc, x):
+                j, y = x
+                z, _ = _chunk_noise(cfg, theta, key, j, c)
+                new = _exchange_sums(
+                    cfg, theta, sigma, _perturb(cfg, theta, sigma, z),
+                    y.reshape(b, -1, *event), _chunk_keep(cfg, j, c, theta.dtype), u,
+                    want_sigma,
+                )
+                return jax.tree.map(jnp.add, acc, new), None
+
+            zeros = jnp.zeros((b, d), theta.dtype)
+            return jax.lax.scan(step, (zeros, zeros), (chunks, ys))[0]
+
+        t = None if t_theta is None else t_theta.reshape(b, d)
+        d_y = _conditional_tangent(cfg, exchange_sums, t, t_sigma, event) / m
+        return (y_eps, f_eps), (d_y.reshape(y_eps.shape), d_f)
     y_sum = y_eps.reshape(b, d) * m
     y_plain = None
     if cfg.control_variate == "unperturbed" and not cfg.antithetic:
@@ -1182,6 +1282,7 @@ class PerturbedOptimizer(eqx.Module):
     symmetric_jacobian: bool = eqx.field(default=True, static=True)
     orthogonal: bool = eqx.field(default=False, static=True)
     stratified: bool = eqx.field(default=False, static=True)
+    jacobian: Jacobian = eqx.field(default="auto", static=True)
 
     def __check_init__(self):
         if not isinstance(self.solver, AbstractSolver):
@@ -1274,7 +1375,41 @@ class PerturbedOptimizer(eqx.Module):
                 "PerturbedOptimizer: `symmetric_jacobian` must be True or False, got "
                 f"{self.symmetric_jacobian!r}."
             )
+        if self.jacobian not in _JACOBIANS:
+            raise ValueError(
+                f"PerturbedOptimizer: `jacobian` must be one of {_JACOBIANS}, got "
+                f"{self.jacobian!r}."
+            )
+        if self.jacobian == "conditional":
+            missing = self._conditional_missing()
+            if missing:
+                raise ValueError(
+                    f"PerturbedOptimizer: `jacobian='conditional'` needs {missing}. "
+                    "Use jacobian='score' (or 'auto', which picks it when possible)."
+                )
         check_mesh(self.mesh, self.mesh_axes, "PerturbedOptimizer")
+
+    def _conditional_missing(self) -> str:
+        """What the conditional Jacobian estimator lacks here ('' if nothing)."""
+        if exchanges_of(self.solver) is None:
+            return (
+                f"a solver that lists its exchange levels (`exchanges`; "
+                f"{type(self.solver).__name__} does not)"
+            )
+        if not has_density(self.noise):
+            return f"a noise with a `density` method ({type(self.noise).__name__} has none)"
+        if self.perturbation != "additive":
+            return "perturbation='additive'"
+        return ""
+
+    @property
+    def _conditional(self) -> bool:
+        """Whether the Jacobian is estimated by conditional Monte Carlo: asked for,
+        or with `jacobian="auto"` wherever it applies and no score-function control
+        variate was chosen (`control_variate="auto"`)."""
+        if self.jacobian == "auto":
+            return self.control_variate == "auto" and not self._conditional_missing()
+        return self.jacobian == "conditional"
 
     @property
     def _resolved_control_variate(self) -> str:
@@ -1340,6 +1475,7 @@ class PerturbedOptimizer(eqx.Module):
             orthogonal=self.orthogonal,
             stratified=self.stratified,
             invariant_axes=self._invariant_axes(event_shape),
+            conditional=self._conditional,
         )
         flat = theta.reshape(-1, *event_shape)
         return flat, sigma, cfg, batch_shape

@@ -37,6 +37,20 @@ class AbstractSolver(eqx.Module):
     A wrong claim biases the gradients, so a solver that does not define it (the
     default) gets none of this.
 
+    **Optional: `exchanges(theta, y)`.** A solver whose solution, as one entry
+    $\theta_i$ rises with the others fixed, changes only by handing a unit from some
+    entry $j$ to entry $i$ ($y$ gains $e_i - e_j$), at levels of $\theta_i$ set by the
+    other entries alone, may list those levels: for the instance `theta` and its
+    solution `y`, it returns `(levels, partners)`, with `levels` of shape `(n, K)`
+    ($n$ the instance's size; entry `[i, k]` is the $k$-th level at which $i$ takes
+    over from `partners[i, k]`, an int index) or `partners = None`, meaning $K = n$
+    and partner $k$ is entry $k$ (a level of entry $i$ with itself adds nothing). The
+    layer then estimates the Jacobian by conditional Monte Carlo: for each sample and
+    each entry, the expected change over that entry's own noise, in closed form from
+    the noise's density at the levels (`jacobian` of `PerturbedOptimizer`). The
+    one-hot argmax, top-k and ranking solvers define it; a wrong list biases the
+    gradients.
+
     !!! Example
 
         ```python
@@ -84,6 +98,12 @@ class AbstractBatchedSolver(AbstractSolver):
 
     def argmax(self, theta: Float[Array, "*event"]) -> Array:
         return self.argmax_batch(theta[None])[0]
+
+
+def exchanges_of(solver: AbstractSolver) -> Callable[..., Any] | None:
+    """The solver's optional `exchanges(theta, y)` (see `AbstractSolver`), or None."""
+    exchanges = getattr(solver, "exchanges", None)
+    return exchanges if callable(exchanges) else None
 
 
 def shift_invariant_axes(solver: AbstractSolver, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -32,6 +32,12 @@ class Permutahedron(AbstractSolver):
         `theta` does not change it."""
         return (-1,)
 
+    def exchanges(self, theta: Float[Array, " n"], y: Float[Array, " n"]):
+        """Every other entry is a level (`AbstractSolver`): as entry i passes entry
+        j, i gains a rank and j loses one. `partners = None`: level k is entry k's
+        value."""
+        return jnp.broadcast_to(theta, (theta.shape[-1], theta.shape[-1])), None
+
     def argmax(self, theta: Float[Array, " n"]) -> Float[Array, " n"]:
         n = theta.shape[-1]
         order = jnp.argsort(theta, stable=True)

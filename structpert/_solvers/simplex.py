@@ -31,6 +31,18 @@ class Simplex(AbstractSolver):
         `theta` does not change it."""
         return (-1,)
 
+    def exchanges(self, theta: Float[Array, " n"], y: Float[Array, " n"]):
+        """One level per entry (`AbstractSolver`): entry i takes over, from the current
+        winner, where it passes the largest other entry; the winner itself hands back
+        to the runner-up below the runner-up's value."""
+        winner = y > 0
+        best = jnp.max(jnp.where(winner, theta, -jnp.inf))
+        rest = jnp.where(winner, -jnp.inf, theta)
+        runner_up = jnp.argmax(rest)
+        level = jnp.where(winner, rest[runner_up], best)
+        partner = jnp.where(winner, runner_up, jnp.argmax(y))
+        return level[:, None], partner[:, None]
+
     def argmax(self, theta: Float[Array, " n"]) -> Float[Array, " n"]:
         n = theta.shape[-1]
         return (jnp.arange(n) == jnp.argmax(theta)).astype(theta.dtype)

@@ -41,6 +41,18 @@ class TopK(AbstractSolver):
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise ValueError(f"TopK: `k` must be a positive int, got {self.k!r}.")
 
+    def exchanges(self, theta: Float[Array, " n"], y: Float[Array, " n"]):
+        """One level per entry (`AbstractSolver`): an entry outside the set enters,
+        in place of the smallest selected one, where it passes it; a selected entry
+        leaves, for the largest unselected one, below that one's value."""
+        selected = y > 0
+        inside = jnp.where(selected, theta, jnp.inf)
+        outside = jnp.where(selected, -jnp.inf, theta)
+        weakest, strongest = jnp.argmin(inside), jnp.argmax(outside)
+        level = jnp.where(selected, outside[strongest], inside[weakest])
+        partner = jnp.where(selected, strongest, weakest)
+        return level[:, None], partner[:, None]
+
     def argmax(self, theta: Float[Array, " n"]) -> Float[Array, " n"]:
         n = theta.shape[-1]
         if self.k > n:
