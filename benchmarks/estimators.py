@@ -158,18 +158,31 @@ def count_calls(m=10, d=5):
 # Part 1: gradient MSE at equal solver calls
 
 
-def reference(fn, noise, theta, eps, n_total, chunk=20_000, seed=12345):
+def reference(fn, noise, theta, eps, n_total, chunk=20_000, seed=12345, exchanges=None):
     """y_eps and the (symmetrised) Jacobian from n_total samples, accumulated in
-    float64 on the host: the plain estimator of Berthet et al. (Prop. 3.1) with the
-    chunk mean as baseline, written out here independently of the libraries."""
+    float64 on the host, written out here independently of the libraries: the plain
+    estimator of Berthet et al. (Prop. 3.1) with the chunk mean as baseline or, given
+    `exchanges` (x (N, d) -> the levels (N, d, K) at which entry i takes over from
+    partners (N, d, K), None for "partner k is entry k"), conditional Monte Carlo
+    over each entry's own noise, whose error is far lower (see the guide)."""
     d = theta.shape[0]
 
     @jax.jit
     def chunk_sums(key):
         z = noise.sample(key, (chunk, d), F32)
-        y = jax.vmap(fn)(theta + eps * z)
-        c = y - y.mean(0)
-        return y.sum(0), c.T @ noise.grad_nu(z)
+        x = theta + eps * z
+        y = jax.vmap(fn)(x)
+        if exchanges is None:
+            c = y - y.mean(0)
+            return y.sum(0), c.T @ noise.grad_nu(z) / eps
+        levels, partners = exchanges(x)
+        w = noise.density((levels - theta[None, :, None]) / eps) / eps  # (N, d, K)
+        cols = jnp.broadcast_to(jnp.arange(d)[None, :, None], w.shape)
+        if partners is None:
+            partners = jnp.broadcast_to(jnp.arange(d)[None, None, :], w.shape)
+        # column i gains w (e_i - e_partner)
+        jac = jnp.zeros((d, d)).at[cols, cols].add(w).at[partners, cols].add(-w)
+        return y.sum(0), jac
 
     y_sum = np.zeros(d)
     j_sum = np.zeros((d, d))
@@ -181,8 +194,28 @@ def reference(fn, noise, theta, eps, n_total, chunk=20_000, seed=12345):
         y_sum += np.asarray(ys, np.float64)
         j_sum += np.asarray(js, np.float64)
         n += chunk
-    jac = j_sum / (n * eps)
+    jac = j_sum / n
     return y_sum / n, (jac + jac.T) / 2
+
+
+def top_exchanges(k):
+    """Levels of top-k (k = 1: the one-hot argmax) for the conditional reference: a
+    selected entry leaves for the best unselected one below its value, an unselected
+    one enters in place of the weakest selected one above it."""
+    def exchanges(x):
+        vals, idx = jax.lax.top_k(x, k + 1)
+        rows = jnp.arange(x.shape[0])[:, None]
+        selected = jnp.zeros(x.shape, bool).at[rows, idx[:, :k]].set(True)
+        levels = jnp.where(selected, vals[:, k:k + 1], vals[:, k - 1:k])
+        partners = jnp.where(selected, idx[:, k:k + 1], idx[:, k - 1:k])
+        return levels[..., None], partners[..., None]
+
+    return exchanges
+
+
+def rank_exchanges(x):
+    """Levels of the ranking: every other entry's value (partner k is entry k)."""
+    return jnp.broadcast_to(x[:, None, :], (*x.shape, x.shape[1])), None
 
 
 def gradient_mse(problem, budget, reps, n_ref):
@@ -198,28 +231,40 @@ def gradient_mse(problem, budget, reps, n_ref):
         m = budget - 1 if kw.get("control_variate") == "unperturbed" else budget
         return sp.PerturbedOptimizer(sp_solver, sp_noise, eps, m, **kw)
 
-    layers = {
-        "structpert": ours(),
-        "sp, no symmetrisation": ours(symmetric_jacobian=False),
-        "sp, unperturbed cv": ours(control_variate="unperturbed"),
-        "sp, no cv": ours(control_variate="none"),
-    }
-    layers["sp, regression"] = ours(control_variate="regression")
-    layers["sp, stratified"] = ours(stratified=True)
-    # the default is "covariance" with Normal noise, "leave_one_out" with Gumbel
+    def score(**kw):  # the score-function estimator with these options
+        return ours(jacobian="score", **kw)
+
+    # The default is the conditional estimator where the solver lists its exchanges
+    # (simplex, top-k, ranking) and the score function otherwise (the assignment);
+    # the score function's default control variate is "covariance" with Normal
+    # noise, "leave_one_out" with Gumbel.
+    conditional = problem["conditional"]
+    layers = {"structpert": ours()}
+    if conditional:
+        layers["sp, cond. + stratified"] = ours(stratified=True)
+        if symmetric:
+            layers["sp, cond. + antithetic"] = ours(antithetic=True)
+        layers["sp, score function"] = score()
+    layers.update({
+        "sp, no symmetrisation": score(symmetric_jacobian=False),
+        "sp, unperturbed cv": score(control_variate="unperturbed"),
+        "sp, no cv": score(control_variate="none"),
+    })
+    layers["sp, regression"] = score(control_variate="regression")
+    layers["sp, stratified"] = score(stratified=True)
     if not symmetric:
-        layers["sp, covariance"] = ours(control_variate="covariance")
+        layers["sp, covariance"] = score(control_variate="covariance")
     if symmetric:
-        layers["sp, leave-one-out"] = ours(control_variate="leave_one_out")
-        layers["sp, antithetic"] = ours(antithetic=True)
-        layers["sp, regr. + antithetic"] = ours(control_variate="regression", antithetic=True)
-        layers["sp, orthogonal"] = ours(orthogonal=True)
-        layers["sp, orth. + regression"] = ours(orthogonal=True, control_variate="regression")
-        layers["sp, orth. + regr. + anti."] = ours(
+        layers["sp, leave-one-out"] = score(control_variate="leave_one_out")
+        layers["sp, antithetic"] = score(antithetic=True)
+        layers["sp, regr. + antithetic"] = score(control_variate="regression", antithetic=True)
+        layers["sp, orthogonal"] = score(orthogonal=True)
+        layers["sp, orth. + regression"] = score(orthogonal=True, control_variate="regression")
+        layers["sp, orth. + regr. + anti."] = score(
             orthogonal=True, control_variate="regression", antithetic=True
         )
-        layers["sp, orth. + antithetic"] = ours(orthogonal=True, antithetic=True)
-        layers["sp, orth. + leave-one-out"] = ours(
+        layers["sp, orth. + antithetic"] = score(orthogonal=True, antithetic=True)
+        layers["sp, orth. + leave-one-out"] = score(
             orthogonal=True, control_variate="leave_one_out"
         )
     argmax_fns = {
@@ -262,7 +307,8 @@ def gradient_mse(problem, budget, reps, n_ref):
             p = np.asarray(jax.nn.softmax(np.asarray(theta, np.float64) / eps))
             jac = (np.diag(p) - np.outer(p, p)) / eps
         else:
-            p, jac = reference(fn, sp_noise, jnp.asarray(theta), eps, n_ref)
+            p, jac = reference(fn, sp_noise, jnp.asarray(theta), eps, n_ref,
+                               exchanges=problem["exchanges"])
         g_loss.append(2 * jac.T @ (p - np.asarray(y_target)))
         g_fy.append(p - y_true)
     g_loss, g_fy = np.stack(g_loss), np.stack(g_fy)
@@ -297,7 +343,7 @@ def make_problems(quick):
         return out
 
     def problem(name, fn, solver, noise, d, eps, first=None, exact=False, target=None,
-                shape=None):
+                shape=None, exchanges=None):
         ths = thetas(d, first=first)
         return dict(
             name=name,
@@ -311,6 +357,8 @@ def make_problems(quick):
             shift=[rng.normal(size=d) for _ in ths],
             exact=exact,
             target=target,
+            exchanges=exchanges,
+            conditional=sp.PerturbedOptimizer(solver, NOISES[noise][0])._conditional,
         )
 
     simplex_target = lambda d: (np.arange(d) + 2) / np.sum(np.arange(d) + 2)
@@ -322,11 +370,12 @@ def make_problems(quick):
         problem("simplex d=100 eps=0.1 Gumbel", one_hot, sp.Simplex(), "gumbel", 100,
                 0.1, exact=True, target=simplex_target(100)),
         problem("ranking n=6 eps=0.2 Normal", ranking, sp.Permutahedron(), "normal", 6,
-                0.2, target=np.arange(6.0)),
+                0.2, target=np.arange(6.0), exchanges=rank_exchanges),
         problem("ranking n=100 eps=0.5 Normal", ranking, sp.Permutahedron(), "normal",
-                100, 0.5, target=np.arange(100.0)),
+                100, 0.5, target=np.arange(100.0), exchanges=rank_exchanges),
         problem("top-10 n=100 eps=0.5 Normal", make_topk(10), sp.TopK(10), "normal", 100,
-                0.5, target=(np.arange(100) >= 90).astype(float)),
+                0.5, target=(np.arange(100) >= 90).astype(float),
+                exchanges=top_exchanges(10)),
         problem("assignment 5x5 eps=0.5 Normal", make_assignment(5), ASSIGNMENT, "normal",
                 25, 0.5, target=np.eye(5).reshape(-1), shape=(5, 5)),
     ]
@@ -403,32 +452,36 @@ def bias(reps=400, n_ref=1_000_000, cases=((20, 50), (20, 200), (100, 200), (100
 
 def few_samples(keys=200, n_ref=200_000):
     """The control variates at fewer samples than dimensions (M <= 2d), where the
-    scores' second moment is poorly known: MSE of the gradient of a squared loss on
-    y_eps, as a ratio to leave-one-out's (structpert only; Normal noise, eps = 0.5,
+    scores' second moment is poorly known, and the conditional estimator (the default
+    with these solvers): MSE of the gradient of a squared loss on y_eps, as a ratio to
+    the score function with leave-one-out's (structpert only; Normal noise, eps = 0.5,
     one random instance each, reference from n_ref samples)."""
+    ranks, top = (ranking, sp.Permutahedron(), rank_exchanges), (make_topk(10), sp.TopK(10),
+                                                                 top_exchanges(10))
     cases = [
-        ("ranking", ranking, sp.Permutahedron(), 100, 20),
-        ("top-10", make_topk(10), sp.TopK(10), 100, 20),
-        ("ranking", ranking, sp.Permutahedron(), 100, 200),
-        ("top-10", make_topk(10), sp.TopK(10), 100, 200),
-        ("ranking", ranking, sp.Permutahedron(), 400, 50),
-        ("ranking", ranking, sp.Permutahedron(), 400, 200),
+        ("ranking", *ranks, 100, 20),
+        ("top-10", *top, 100, 20),
+        ("ranking", *ranks, 100, 200),
+        ("top-10", *top, 100, 200),
+        ("ranking", *ranks, 400, 50),
+        ("ranking", *ranks, 400, 200),
     ]
     options = {
-        "covariance (default)": {"control_variate": "covariance"},
+        "conditional (default)": {},
+        "covariance": {"control_variate": "covariance"},
         "regression": {"control_variate": "regression"},
-        "orthogonal": {"orthogonal": True},
+        "orthogonal": {"orthogonal": True, "jacobian": "score"},
     }
     print("\nFew samples: gradient MSE of a squared loss on y_eps, ratio to leave-one-out,")
     print(f"Normal noise, eps 0.5, {keys} keys, reference from {n_ref} samples")
     print(f"{'problem':10s} {'d':>4s} {'M':>4s} {'leave-one-out MSE':>18s} "
           + " ".join(f"{name:>21s}" for name in options))
     rows = []
-    for name, fn, solver, d, m in cases:
+    for name, fn, solver, exchanges, d, m in cases:
         rng = np.random.default_rng(0)
         theta = jnp.asarray(rng.normal(size=d), F32)
         target = jnp.asarray(rng.normal(size=d), F32)
-        p, jac = reference(fn, sp.Normal(), theta, 0.5, n_ref)
+        p, jac = reference(fn, sp.Normal(), theta, 0.5, n_ref, exchanges=exchanges)
         ref = 2 * jac.T @ (p - np.asarray(target))
         ks = jax.random.split(jax.random.key(100), keys)
 
