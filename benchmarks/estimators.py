@@ -238,13 +238,20 @@ def gradient_mse(problem, budget, reps, n_ref):
     # (simplex, top-k, ranking) and the score function otherwise (the assignment);
     # the score function's default control variate is "covariance" with Normal
     # noise, "leave_one_out" with Gumbel.
-    conditional = problem["conditional"]
     layers = {"structpert": ours()}
-    if conditional:
-        layers["sp, cond. + stratified"] = ours(stratified=True)
+    if not ours()._conditional_missing():  # the solver lists its exchanges
+
+        def cond(**kw):
+            return ours(jacobian="conditional", **kw)
+
+        by_default = ours()._conditional(shape)  # not for rankings of more than 64 items
+        if not by_default:
+            layers["sp, conditional"] = cond()
+        layers["sp, cond. + stratified"] = cond(stratified=True)
         if symmetric:
-            layers["sp, cond. + antithetic"] = ours(antithetic=True)
-        layers["sp, score function"] = score()
+            layers["sp, cond. + antithetic"] = cond(antithetic=True)
+        if by_default:
+            layers["sp, score function"] = score()
     layers.update({
         "sp, no symmetrisation": score(symmetric_jacobian=False),
         "sp, unperturbed cv": score(control_variate="unperturbed"),
@@ -358,7 +365,6 @@ def make_problems(quick):
             exact=exact,
             target=target,
             exchanges=exchanges,
-            conditional=sp.PerturbedOptimizer(solver, NOISES[noise][0])._conditional,
         )
 
     simplex_target = lambda d: (np.arange(d) + 2) / np.sum(np.arange(d) + 2)

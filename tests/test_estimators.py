@@ -1059,3 +1059,7 @@ def test_conditional_without_exchanges_and_errors():
         grad(sp.Permutahedron(), **cv), grad(sp.Permutahedron(), jacobian="score", **cv)
     )
     assert not np.allclose(grad(sp.Permutahedron()), grad(sp.Permutahedron(), jacobian="score"))
+    # "auto" keeps the O(M d^2) conditional ranking to at most 64 items
+    ranking = sp.PerturbedOptimizer(sp.Permutahedron())
+    assert ranking._conditional((64,)) and not ranking._conditional((65,))
+    assert sp.PerturbedOptimizer(sp.TopK(3))._conditional((1000,))

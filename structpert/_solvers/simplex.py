@@ -32,16 +32,18 @@ class Simplex(AbstractSolver):
         return (-1,)
 
     def exchanges(self, theta: Float[Array, " n"], y: Float[Array, " n"]):
-        """One level per entry (`AbstractSolver`): entry i takes over, from the current
-        winner, where it passes the largest other entry; the winner itself hands back
-        to the runner-up below the runner-up's value."""
+        """One level per entry (`AbstractSolver`): entry i takes over from the winner
+        where it passes the winner's value; the winner hands back to the runner-up
+        below the runner-up's value. Pivots: (winner, runner-up)."""
+        n = theta.shape[-1]
+        index = jnp.arange(n)
         winner = y > 0
-        best = jnp.max(jnp.where(winner, theta, -jnp.inf))
         rest = jnp.where(winner, -jnp.inf, theta)
-        runner_up = jnp.argmax(rest)
-        level = jnp.where(winner, rest[runner_up], best)
-        partner = jnp.where(winner, runner_up, jnp.argmax(y))
-        return level[:, None], partner[:, None]
+        second = jnp.max(rest)
+        runner_up = jnp.min(jnp.where(rest == second, index, n - 1))
+        level = jnp.where(winner, second, jnp.sum(jnp.where(winner, theta, 0)))
+        pivots = jnp.stack([jnp.min(jnp.where(winner, index, n - 1)), runner_up])
+        return level[:, None], (winner.astype(jnp.int32)[:, None], pivots)
 
     def argmax(self, theta: Float[Array, " n"]) -> Float[Array, " n"]:
         n = theta.shape[-1]

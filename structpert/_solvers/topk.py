@@ -43,15 +43,20 @@ class TopK(AbstractSolver):
 
     def exchanges(self, theta: Float[Array, " n"], y: Float[Array, " n"]):
         """One level per entry (`AbstractSolver`): an entry outside the set enters,
-        in place of the smallest selected one, where it passes it; a selected entry
-        leaves, for the largest unselected one, below that one's value."""
+        in place of the weakest selected one, where it passes it; a selected entry
+        leaves, for the strongest unselected one, below that one's value. Pivots:
+        (weakest selected, strongest unselected)."""
+        n = theta.shape[-1]
+        index = jnp.arange(n)
         selected = y > 0
         inside = jnp.where(selected, theta, jnp.inf)
         outside = jnp.where(selected, -jnp.inf, theta)
-        weakest, strongest = jnp.argmin(inside), jnp.argmax(outside)
-        level = jnp.where(selected, outside[strongest], inside[weakest])
-        partner = jnp.where(selected, strongest, weakest)
-        return level[:, None], partner[:, None]
+        low, high = jnp.min(inside), jnp.max(outside)
+        weakest = jnp.min(jnp.where(inside == low, index, n - 1))
+        strongest = jnp.min(jnp.where(outside == high, index, n - 1))
+        level = jnp.where(selected, high, low)
+        slot = selected.astype(jnp.int32)
+        return level[:, None], (slot[:, None], jnp.stack([weakest, strongest]))
 
     def argmax(self, theta: Float[Array, " n"]) -> Float[Array, " n"]:
         n = theta.shape[-1]
