@@ -629,7 +629,7 @@ def _exchange_weights(cfg: _Config, theta: Array, sigma, perturbed: Array, y: Ar
 
 def _slot_mask(slots: Array, num: int) -> Array:
     """(..., num) one-hot of the pivot slots (...), for a few pivots per sample."""
-    return slots[..., None] == jnp.arange(num)
+    return slots[..., None] == jnp.arange(num).reshape((1,) * slots.ndim + (num,))
 
 
 def _exchange_sums(
