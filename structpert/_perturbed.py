@@ -1196,7 +1196,10 @@ class PerturbedOptimizer(eqx.Module):
     JVPs: value and derivative come from **one** solver pass over the perturbed
     inputs, so `jax.grad`, `jax.jvp`, `jax.jacrev`, `jax.vmap` and `jax.jit` all work.
 
-    The Jacobian of $y_\\varepsilon$ is estimated by
+    For solvers that list their exchanges (the built-in `Simplex`, `TopK` and
+    `Permutahedron`), the Jacobian of $y_\\varepsilon$ is estimated by conditional
+    Monte Carlo: each sample's solution averaged in closed form over each entry's own
+    noise (`jacobian`). Otherwise it is estimated by
     $\\hat J = \\frac{1}{M\\varepsilon}\\sum_m (y_m - b_m) \\nabla\\nu(Z_m)^\\top$ with a
     baseline $b_m$ (`control_variate`); as the true Jacobian is symmetric (it is the
     Hessian of $F_\\varepsilon$), it is combined with $\\hat J^\\top$, row $i$ weighted
