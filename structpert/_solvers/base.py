@@ -39,17 +39,21 @@ class AbstractSolver(eqx.Module):
 
     **Optional: `exchanges(theta, y)`.** A solver whose solution, as one entry
     $\theta_i$ rises with the others fixed, changes only by handing a unit from some
-    entry $j$ to entry $i$ ($y$ gains $e_i - e_j$), at levels of $\theta_i$ set by the
-    other entries alone, may list those levels: for the instance `theta` and its
-    solution `y`, it returns `(levels, partners)`, with `levels` of shape `(n, K)`
-    ($n$ the instance's size; entry `[i, k]` is the $k$-th level at which $i$ takes
-    over from `partners[i, k]`, an int index) or `partners = None`, meaning $K = n$
-    and partner $k$ is entry $k$ (a level of entry $i$ with itself adds nothing). The
-    layer then estimates the Jacobian by conditional Monte Carlo: for each sample and
-    each entry, the expected change over that entry's own noise, in closed form from
-    the noise's density at the levels (`jacobian` of `PerturbedOptimizer`). The
-    one-hot argmax, top-k and ranking solvers define it; a wrong list biases the
-    gradients.
+    entry $p$ to entry $i$ ($y$ gains $e_i - e_p$), at levels of $\theta_i$ set by the
+    other entries alone, may list those levels. For the instance `theta` (of size $n$)
+    and its solution `y`, it returns `(levels, partners)`: `levels` of shape `(n, K)`,
+    entry `[i, k]` the $k$-th level at which $i$ takes over from its partner (a level
+    of $\pm\infty$ means none), and `partners` either `None`, meaning $K = n$ and
+    partner $k$ is entry $k$ (a level of entry $i$ with itself adds nothing), or a
+    pair `(slots, pivots)` of ints: `pivots` of shape `(P,)` lists the few entries
+    that partners are drawn from and `slots` of shape `(n, K)` says which, so the
+    partner of `[i, k]` is `pivots[slots[i, k]]` (this keeps the layer's work at
+    $O(nKP)$ per sample, without gathers over all entries). The layer then estimates
+    the Jacobian by conditional Monte Carlo: for each sample and each entry, the
+    expected change over that entry's own noise, in closed form from the noise's
+    density at the levels (`jacobian` of `PerturbedOptimizer`). `Simplex` and `TopK`
+    list one level per entry (pivots: the two entries at the boundary of the
+    solution), `Permutahedron` every other entry. A wrong list biases the gradients.
 
     !!! Example
 
