@@ -712,7 +712,7 @@ def _exchange_vjp_terms(cfg: _Config, theta, sigma, perturbed, y, v) -> Array:
 @eqx.filter_custom_jvp
 def _kernel(theta, sigma, key, *, cfg: _Config):
     """(y_eps (B, *out), F_eps (B,)) from one solver pass; theta is (B, *event)."""
-    _, perturbed, y, _ = _forward(cfg, theta, sigma, key, written=cfg.conditional)
+    _, perturbed, y, _ = _forward(cfg, theta, sigma, key, written=True)
     return _reduce(theta.shape, perturbed, y)
 
 

@@ -43,7 +43,7 @@ class AbstractSolver(eqx.Module):
     other entries alone, may list those levels. For the instance `theta` (of size $n$)
     and its solution `y`, it returns `(levels, partners)`: `levels` of shape `(n, K)`,
     entry `[i, k]` the $k$-th level at which $i$ takes over from its partner (a level
-    of $\pm\infty$ means none), and `partners` either `None`, meaning $K = n$ and
+    of $\\pm\\infty$ means none), and `partners` either `None`, meaning $K = n$ and
     partner $k$ is entry $k$ (a level of entry $i$ with itself adds nothing), or a
     pair `(slots, pivots)` of ints: `pivots` of shape `(P,)` lists the few entries
     that partners are drawn from and `slots` of shape `(n, K)` says which, so the
