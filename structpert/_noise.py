@@ -27,9 +27,10 @@ class AbstractNoise(eqx.Module):
     `jax.random.normal`); the layer then draws a whole batch in one call (see
     `PerturbedOptimizer`, **Keys**), which compiles faster. Define a method
     `quantile(u)`, the inverse distribution function of one coordinate, to allow
-    `stratified=True` (as `Gumbel` and `Normal` do), and a method `density(z)`, the
-    density of one coordinate, to allow the conditional Jacobian estimator
-    (`jacobian="conditional"` of `PerturbedOptimizer`; `Gumbel` and `Normal` have it).
+    `stratified=True` (as `Gumbel` and `Normal` do), and methods `density(z)` and
+    `cdf(z)`, the density and distribution function of one coordinate, to allow the
+    conditional estimator (`jacobian="conditional"` of `PerturbedOptimizer`; `Gumbel`
+    and `Normal` have them).
 
     !!! Example
 
@@ -80,9 +81,10 @@ class AbstractNoise(eqx.Module):
 
 
 def has_density(noise: AbstractNoise) -> bool:
-    """Whether `noise` has a `density` method, the density of one coordinate
-    (`Gumbel`, `Normal`), which the conditional Jacobian estimator needs."""
-    return callable(getattr(type(noise), "density", None))
+    """Whether `noise` has `density` and `cdf` methods, the density and distribution
+    function of one coordinate (`Gumbel`, `Normal`), which the conditional estimator
+    needs."""
+    return all(callable(getattr(type(noise), name, None)) for name in ("density", "cdf"))
 
 
 def has_quantile(noise: AbstractNoise) -> bool:
@@ -120,6 +122,11 @@ class Gumbel(AbstractNoise):
         """The density $e^{-z - e^{-z}}$, elementwise (for `jacobian="conditional"`)."""
         return jnp.exp(-z - jnp.exp(-z))
 
+    def cdf(self, z: Float[Array, "..."]) -> Float[Array, "..."]:
+        """The distribution function $e^{-e^{-z}}$, elementwise (for
+        `jacobian="conditional"`)."""
+        return jnp.exp(-jnp.exp(-z))
+
 
 class Normal(AbstractNoise):
     """Standard normal noise: $\\nu(z) = z^2/2$, so $\\nabla\\nu(z) = z$.
@@ -155,6 +162,11 @@ class Normal(AbstractNoise):
         """The density $e^{-z^2/2} / \\sqrt{2\\pi}$, elementwise (for
         `jacobian="conditional"`)."""
         return jnp.exp(-(z**2) / 2) * np.asarray(1 / math.sqrt(2 * math.pi), z.dtype)
+
+    def cdf(self, z: Float[Array, "..."]) -> Float[Array, "..."]:
+        """The distribution function $\\Phi(z)$, elementwise (for
+        `jacobian="conditional"`)."""
+        return jax.scipy.special.ndtr(z)
 
 
 def swap_rounds(num: int) -> int:

@@ -627,6 +627,33 @@ def _exchange_weights(cfg: _Config, theta: Array, sigma, perturbed: Array, y: Ar
     return w, z, partners
 
 
+def _conditional_shift(cfg: _Config, theta: Array, sigma, perturbed: Array, y: Array, keep):
+    """Sum over a block of samples (B, k, *event) of E[y_mi | Z_m,-i] - y_mi (B, D):
+    what turns the solutions' mean into the conditional Monte-Carlo estimate of
+    y_eps, used for the gradient of F_eps (the Fenchel-Young gradient). Entry i of a
+    sample counts one unit per exchange level it is above (`exchanges`); over its own
+    noise it is above level t with probability 1 - cdf((t - theta_i) / sigma).
+    Unbiased, and exact along each entry's own noise."""
+    b, k = perturbed.shape[:2]
+    event = theta.shape[1:]
+    d = math.prod(event)
+    hook = exchanges_of(cfg.solver)
+    assert hook is not None
+    levels, partners = jax.vmap(hook)(
+        perturbed.reshape(b * k, *event), y.reshape(b * k, *y.shape[2:])
+    )
+    levels = levels.reshape(b, k, d, -1).astype(theta.dtype)
+    x = perturbed.reshape(b, k, d, 1)
+    cdf = getattr(cfg.noise, "cdf")
+    above = (x > levels).astype(theta.dtype)
+    shift = jnp.sum(1 - cdf((levels - theta.reshape(b, 1, d, 1)) / sigma) - above, axis=-1)
+    if partners is None:  # entry i's level with itself, x_i: not an exchange
+        shift = shift - (1 - cdf((x[..., 0] - theta.reshape(b, 1, d)) / sigma))
+    if keep is not None:
+        shift = shift * keep.reshape(1, k, 1)
+    return jnp.sum(shift, axis=1)
+
+
 def _slot_mask(slots: Array, num: int) -> Array:
     """(..., num) one-hot of the pivot slots (...), for a few pivots per sample."""
     return slots[..., None] == jnp.arange(num).reshape((1,) * slots.ndim + (num,))
@@ -739,6 +766,8 @@ def _kernel_jvp(primals, tangents, *, cfg: _Config):
     d_f = jnp.zeros((b,), theta.dtype)
     if same_shape:
         g_theta, g_sigma = _max_grad_sums(cfg, sigma, z, perturbed, y)
+        if cfg.conditional:
+            g_theta = g_theta + _conditional_shift(cfg, theta, sigma, perturbed, y, None)
         d_f = _max_tangent(g_theta / m, g_sigma / m, t_theta, t_sigma)
     if cfg.conditional:
         sums_of = lambda u, want: _exchange_sums(cfg, theta, sigma, perturbed, y, None, u, want)
@@ -823,7 +852,11 @@ def _streamed_sums(
         y = solve_batch(cfg.solver, perturbed.reshape(-1, *event)).astype(theta.dtype)
         y = y.reshape(b, -1, *event) * keep
         f = jnp.einsum("bmd,bmd->b", _flat(perturbed), _flat(y))
-        new = (f, *_max_grad_sums(cfg, sigma, z, perturbed, y), jnp.sum(y, axis=1))
+        g_theta, g_sigma = _max_grad_sums(cfg, sigma, z, perturbed, y)
+        if cfg.conditional:
+            keep_c = _chunk_keep(cfg, j, c, theta.dtype)
+            g_theta = g_theta + _conditional_shift(cfg, theta, sigma, perturbed, y, keep_c)
+        new = (f, g_theta, g_sigma, jnp.sum(y, axis=1))
         return jax.tree.map(jnp.add, sums, new), (y if keep_y else None)
 
     per_instance = jnp.zeros((b,), theta.dtype)
@@ -1475,7 +1508,10 @@ class PerturbedOptimizer(eqx.Module):
                 f"{type(self.solver).__name__} does not)"
             )
         if not has_density(self.noise):
-            return f"a noise with a `density` method ({type(self.noise).__name__} has none)"
+            return (
+                f"a noise with `density` and `cdf` methods ({type(self.noise).__name__} "
+                "lacks them)"
+            )
         if self.perturbation != "additive":
             return "perturbation='additive'"
         return ""
