@@ -633,7 +633,8 @@ def _conditional_shift(cfg: _Config, theta: Array, sigma, perturbed: Array, y: A
     y_eps, used for the gradient of F_eps (the Fenchel-Young gradient). Entry i of a
     sample counts one unit per exchange level it is above (`exchanges`); over its own
     noise it is above level t with probability 1 - cdf((t - theta_i) / sigma).
-    Unbiased, and exact along each entry's own noise."""
+    Unbiased, and exact along each entry's own noise. Not used for the layer's
+    values, which stay the mean of the solutions (a point of their convex hull)."""
     b, k = perturbed.shape[:2]
     event = theta.shape[1:]
     d = math.prod(event)
@@ -651,7 +652,9 @@ def _conditional_shift(cfg: _Config, theta: Array, sigma, perturbed: Array, y: A
         shift = shift - (1 - cdf((x[..., 0] - theta.reshape(b, 1, d)) / sigma))
     if keep is not None:
         shift = shift * keep.reshape(1, k, 1)
-    return jnp.sum(shift, axis=1)
+    # Along the solver's invariant directions the solutions' sums are fixed, so the
+    # mean of the solutions is exact there: keep it (unbiased, lower variance).
+    return _invariant_free(cfg, jnp.sum(shift, axis=1), event)
 
 
 def _slot_mask(slots: Array, num: int) -> Array:

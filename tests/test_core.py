@@ -82,8 +82,18 @@ def test_gumbel_simplex_perturbed_max_and_its_gradient():
     exact = sigma * jax.nn.logsumexp(theta / sigma) + sigma * GAMMA
     # the max of Gumbel-perturbed scores is Gumbel with scale sigma: std = sigma*pi/sqrt(6)
     assert abs(float(f - exact)) < mc_tol(sigma * math.pi / math.sqrt(6), m)
-    grad = jax.grad(lambda t: opt.max(t, key=jax.random.key(0)))(theta)
-    np.testing.assert_allclose(grad, opt(theta, key=jax.random.key(0)), rtol=1e-6, atol=1e-7)
+    # its gradient: with the score function, exactly the layer's y_eps (the mean of
+    # the same solutions); with conditional Monte Carlo (the default here), another
+    # estimate of y_eps = softmax(theta / sigma), within 5 standard errors of one
+    # sample's indicator (an upper bound on the conditional estimate's spread)
+    key = jax.random.key(0)
+    score = sp.PerturbedOptimizer(sp.Simplex(), sp.Gumbel(), sigma, m, jacobian="score")
+    grad = jax.grad(lambda t: score.max(t, key=key))(theta)
+    np.testing.assert_allclose(grad, score(theta, key=key), rtol=1e-6, atol=1e-7)
+    grad = jax.grad(lambda t: opt.max(t, key=key))(theta)
+    p = jax.nn.softmax(theta / sigma)
+    assert np.all(np.abs(grad - p) <= mc_tol(np.sqrt(p * (1 - p)), m))
+    assert abs(float(jnp.sum(grad)) - 1) < 1e-9
 
 
 def test_normal_two_items_probit_and_its_derivative():

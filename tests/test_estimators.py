@@ -1063,3 +1063,36 @@ def test_conditional_without_exchanges_and_errors():
     ranking = sp.PerturbedOptimizer(sp.Permutahedron())
     assert ranking._conditional((64,)) and not ranking._conditional((65,))
     assert sp.PerturbedOptimizer(sp.TopK(3))._conditional((1000,))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 30])
+def test_conditional_fenchel_young_gradient(chunk_size):
+    """With conditional Monte Carlo the gradient of F_eps (the Fenchel-Young gradient
+    plus y) is E[y | the other entries' noise], entry by entry: unbiased for softmax
+    on the simplex with Gumbel noise (400 keys, M = 100), the same streamed as
+    unchunked, and of lower variance than the mean of the solutions (0.27 of its
+    mean squared error measured); on a ranking and top-2 with Normal noise and
+    antithetic pairs its mean matches the score-function layer's within 5 standard
+    errors, at 0.09 and 0.14 of its variance."""
+    keys = jax.random.split(jax.random.key(0), 400)
+    exact = np.asarray(jax.nn.softmax(THETA5 / EPS5))
+
+    def grads(solver, noise, theta, jacobian, **kw):
+        opt = sp.PerturbedOptimizer(solver, noise, EPS5, 100, jacobian=jacobian, **kw)
+        grad = jax.grad(lambda t, k: opt.max(t, key=k))
+        return np.asarray(jax.jit(jax.vmap(grad, in_axes=(None, 0)))(theta, keys))
+
+    g = {j: grads(sp.Simplex(), sp.Gumbel(), THETA5, j, chunk_size=chunk_size)
+         for j in ("conditional", "score")}
+    assert np.all(np.abs(g["conditional"].mean(0) - exact) <= mc_tol(g["conditional"].std(0), 400))
+    mse = {j: np.sum((x - exact) ** 2, axis=1).mean() for j, x in g.items()}
+    assert mse["conditional"] < 0.5 * mse["score"], mse
+    if chunk_size is None:
+        theta = jnp.array([0.3, -0.4, 0.1, 0.9, -0.2, 0.5])
+        for solver in (sp.Permutahedron(), sp.TopK(2)):
+            r = {j: grads(solver, sp.Normal(), theta, j, antithetic=True)
+                 for j in ("conditional", "score")}
+            std = np.sqrt(r["conditional"].var(0) + r["score"].var(0))
+            assert np.all(np.abs(r["conditional"].mean(0) - r["score"].mean(0))
+                          <= mc_tol(std, 400))
+            assert r["conditional"].var(0).sum() < 0.3 * r["score"].var(0).sum()
