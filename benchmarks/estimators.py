@@ -293,11 +293,19 @@ def gradient_mse(problem, budget, reps, n_ref):
             "optax, no baseline": lambda t, key: ox_nb(key, t),
         }
     )
-    fy_layers = {"structpert": layers["structpert"], "sp, stratified": layers["sp, stratified"]}
+    # The Fenchel-Young gradient: with conditional Monte Carlo, E[y | the other
+    # entries' noise]; with the score function ("score" columns), the mean of the
+    # solutions.
+    fy_layers = {"structpert": layers["structpert"]}
+    for name in ("sp, conditional", "sp, cond. + stratified", "sp, cond. + antithetic",
+                 "sp, score function"):
+        if name in layers:
+            fy_layers[name] = layers[name]
+    fy_layers["sp, stratified"] = layers["sp, stratified"]
     if symmetric:
         fy_layers["sp, antithetic"] = layers["sp, antithetic"]
         fy_layers["sp, orthogonal"] = layers["sp, orthogonal"]
-        fy_layers["sp, strat. + antithetic"] = ours(stratified=True, antithetic=True)
+        fy_layers["sp, strat. + antithetic"] = score(stratified=True, antithetic=True)
     jo_max = jp.make_perturbed_max(fn, m_jo, eps, jo_noise)
     ox_max = op.make_perturbed_fun(lambda t: jnp.sum(t * fn(t)), m_ox, eps, ox_noise)
     fy_fns = {

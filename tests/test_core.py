@@ -92,7 +92,10 @@ def test_gumbel_simplex_perturbed_max_and_its_gradient():
     np.testing.assert_allclose(grad, score(theta, key=key), rtol=1e-6, atol=1e-7)
     grad = jax.grad(lambda t: opt.max(t, key=key))(theta)
     p = jax.nn.softmax(theta / sigma)
-    assert np.all(np.abs(grad - p) <= mc_tol(np.sqrt(p * (1 - p)), m))
+    # per sample: E[y_i | the others' noise] (std at most a Bernoulli's) plus the
+    # mean over j of such differences (std at most twice the mean Bernoulli std)
+    bernoulli = np.sqrt(p * (1 - p))
+    assert np.all(np.abs(grad - p) <= mc_tol(bernoulli + 2 * np.mean(bernoulli), m))
     assert abs(float(jnp.sum(grad)) - 1) < 1e-9
 
 
@@ -244,10 +247,17 @@ def test_fenchel_young_value_and_gradient():
     exact = sigma * jax.nn.logsumexp(theta / sigma, axis=-1) + sigma * GAMMA
     exact = exact - jnp.sum(theta * y_true, axis=-1)
     np.testing.assert_array_less(jnp.abs(ell - exact), mc_tol(sigma * math.pi / math.sqrt(6), m))
+    # With the score function, the gradient is exactly the layer's y_eps - y (the
+    # same solutions); with conditional Monte Carlo (the default here) it is another
+    # estimate of y_eps: per sample, E[y_i | the other entries' noise] (std at most
+    # 0.5, a Bernoulli's) plus the mean of such differences (std at most 1).
+    score = sp.PerturbedOptimizer(sp.Simplex(), sp.Gumbel(), sigma, m, jacobian="score")
+    plain = jax.grad(lambda t: sp.FenchelYoungLoss(score)(t, y_true, key=key).sum())(theta)
+    np.testing.assert_allclose(plain, score(theta, key=key) - y_true, rtol=1e-6, atol=1e-9)
     grad = jax.grad(lambda t: loss(t, y_true, key=key).sum())(theta)
-    np.testing.assert_allclose(grad, opt(theta, key=key) - y_true, rtol=1e-6, atol=1e-9)
     p = jax.nn.softmax(theta / sigma)
-    np.testing.assert_array_less(jnp.abs(grad - (p - y_true)), mc_tol(0.5, m))
+    np.testing.assert_array_less(jnp.abs(plain - (p - y_true)), mc_tol(0.5, m))
+    np.testing.assert_array_less(jnp.abs(grad - (p - y_true)), mc_tol(1.5, m))
 
 
 # ---------------------------------------------------------------- transformations

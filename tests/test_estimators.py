@@ -329,10 +329,13 @@ def _temp_bytes(fn, *args) -> int:
 def test_streamed_steps_bound_memory():
     """XLA's own accounting of the compiled steps, with `chunk_size` = 400 (a chunk-
     sized array is 0.8 MB here, an array of all batch x num_samples instances 16 MB).
-    Measured on this CPU, unchunked / chunked: the Fenchel-Young gradient step 48 /
-    4.0 MB, the layer alone 32 / 2.4 MB (unchunked, it writes out the perturbed
-    inputs), a gradient step of a loss on y_eps 48 / 19.3 MB (its residual: the
-    solutions of all samples). Stratified draws stream too (5.0 MB)."""
+    Measured on this CPU, unchunked / chunked: the Fenchel-Young gradient step 32 /
+    8.0 MB with conditional Monte Carlo (the default for the simplex: it reads the
+    exchange levels of each chunk) and 48 / 4.0 MB with the score function, the
+    layer alone 32 / 2.4 MB (unchunked, it writes out the perturbed inputs), a
+    gradient step of a loss on y_eps 80 / 21.6 MB (its residuals: the solutions of
+    all samples and, unchunked, the exchange weights). Stratified draws stream too
+    (5.0 MB with the score function)."""
     b, m, d = 4, 2000, 500
     theta = jnp.ones((b, d), jnp.float32)
     y = jnp.zeros((b, d), jnp.float32)
@@ -341,8 +344,10 @@ def test_streamed_steps_bound_memory():
         sp.Simplex(), sp.Normal(), 0.5, m, chunk_size=chunk_size
     )
 
-    def fy(chunk_size):
-        loss = lambda t, k: sp.FenchelYoungLoss(opt(chunk_size))(t, y, key=k).sum()
+    def fy(chunk_size, **kw):
+        layer = sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), 0.5, m,
+                                      chunk_size=chunk_size, **kw)
+        loss = lambda t, k: sp.FenchelYoungLoss(layer)(t, y, key=k).sum()
         return _temp_bytes(jax.value_and_grad(loss), theta, key)
 
     def layer(chunk_size):
@@ -355,9 +360,11 @@ def test_streamed_steps_bound_memory():
     chunk_array, full_array = 400 * d * 4, b * m * d * 4
     # (on an H100 GPU the FY step took 3.2 MB against 20 MB, XLA fusing more of the
     # unchunked step)
-    assert fy(400) < min(8 * chunk_array, 0.25 * fy(None))
+    assert fy(400) < min(12 * chunk_array, 0.6 * full_array)
+    assert fy(400, jacobian="score") < min(8 * chunk_array, 0.25 * fy(None, jacobian="score"))
     stratified = lambda t, k: sp.FenchelYoungLoss(
-        sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), 0.5, m, chunk_size=400, stratified=True)
+        sp.PerturbedOptimizer(sp.Simplex(), sp.Normal(), 0.5, m, chunk_size=400,
+                              stratified=True, jacobian="score")
     )(t, y, key=k).sum()
     assert _temp_bytes(jax.value_and_grad(stratified), theta, key) < 8 * chunk_array
     assert layer(400) < min(8 * chunk_array, 0.25 * layer(None))
@@ -1070,10 +1077,10 @@ def test_conditional_fenchel_young_gradient(chunk_size):
     """With conditional Monte Carlo the gradient of F_eps (the Fenchel-Young gradient
     plus y) is E[y | the other entries' noise], entry by entry: unbiased for softmax
     on the simplex with Gumbel noise (400 keys, M = 100), the same streamed as
-    unchunked, and of lower variance than the mean of the solutions (0.27 of its
+    unchunked, and of lower variance than the mean of the solutions (0.21 of its
     mean squared error measured); on a ranking and top-2 with Normal noise and
     antithetic pairs its mean matches the score-function layer's within 5 standard
-    errors, at 0.09 and 0.14 of its variance."""
+    errors, at 0.058 and 0.079 of its variance."""
     keys = jax.random.split(jax.random.key(0), 400)
     exact = np.asarray(jax.nn.softmax(THETA5 / EPS5))
 
@@ -1086,7 +1093,7 @@ def test_conditional_fenchel_young_gradient(chunk_size):
          for j in ("conditional", "score")}
     assert np.all(np.abs(g["conditional"].mean(0) - exact) <= mc_tol(g["conditional"].std(0), 400))
     mse = {j: np.sum((x - exact) ** 2, axis=1).mean() for j, x in g.items()}
-    assert mse["conditional"] < 0.5 * mse["score"], mse
+    assert mse["conditional"] < 0.4 * mse["score"], mse
     if chunk_size is None:
         theta = jnp.array([0.3, -0.4, 0.1, 0.9, -0.2, 0.5])
         for solver in (sp.Permutahedron(), sp.TopK(2)):
@@ -1095,4 +1102,4 @@ def test_conditional_fenchel_young_gradient(chunk_size):
             std = np.sqrt(r["conditional"].var(0) + r["score"].var(0))
             assert np.all(np.abs(r["conditional"].mean(0) - r["score"].mean(0))
                           <= mc_tol(std, 400))
-            assert r["conditional"].var(0).sum() < 0.3 * r["score"].var(0).sum()
+            assert r["conditional"].var(0).sum() < 0.2 * r["score"].var(0).sum()

@@ -176,13 +176,15 @@ def test_float32_eager_and_set_mesh():
     got = opt(theta, key=KEY)  # eager, theta on one device
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    # Eager reverse mode on an explicitly sharded theta (JAX wants the mesh context).
-    # The gradient of the summed perturbed max is y_eps, from the same samples.
+    # Eager reverse mode on an explicitly sharded theta (JAX wants the mesh context):
+    # the gradient of the summed perturbed max, as without the mesh.
+    single = sp.PerturbedOptimizer(sp.TopK(2), sigma=0.5, num_samples=6)
+    want_grad = jax.grad(lambda t: single.max(t, key=KEY).sum())(theta)
     with jax.set_mesh(mesh):
         placed = jax.device_put(theta, NamedSharding(mesh, P("devices")))
         grad = jax.grad(lambda t: opt.max(t, key=KEY).sum())(placed)
     assert grad.sharding.spec[0] == "devices"
-    np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-6)
 
 
 def _collectives(compiled_text):
