@@ -601,6 +601,49 @@ def _jacobian_tangent(
     return plain + by_sigma
 
 
+# Exchange levels held at once when every entry exchanges with every other one (the
+# ranking's d x d levels per sample): blocks of samples keep the temporaries near
+# this many entries instead of batch x M x d x d.
+_DENSE_BLOCK_ENTRIES = 2**22
+
+
+def _dense_exchanges(cfg: _Config, theta: Array) -> bool:
+    """Whether the solver's partners are "every entry" (`exchanges` returns None)."""
+    hook = exchanges_of(cfg.solver)
+    assert hook is not None
+    x = jax.ShapeDtypeStruct(theta.shape[1:], theta.dtype)
+    return jax.eval_shape(hook, x, x)[1] is None
+
+
+def _sample_blocks(f, perturbed: Array, y: Array, keep, per_sample: bool = False):
+    """f(perturbed, y, keep) over blocks of the samples (axis 1) of (B, k, ...) arrays,
+    about `_DENSE_BLOCK_ENTRIES` / (B D) samples of D x D levels each: the results
+    summed (a pytree of sums), or with `per_sample`, joined along axis 1 (B, k, ...).
+    The last block is padded with repeats of the first sample, masked by `keep`."""
+    b, k = perturbed.shape[:2]
+    d = math.prod(perturbed.shape[2:])
+    size = max(1, min(k, _DENSE_BLOCK_ENTRIES // max(1, b * d * d)))
+    keep = jnp.ones((k,), perturbed.dtype) if keep is None else keep
+    if size == k:
+        return f(perturbed, y, keep)
+    n = -(-k // size)
+    pad = n * size - k
+
+    def blocks(x):
+        x = jnp.concatenate([x, jnp.broadcast_to(x[:, :1], (b, pad, *x.shape[2:]))], axis=1)
+        return jnp.moveaxis(x.reshape(b, n, size, *x.shape[2:]), 1, 0)
+
+    keeps = jnp.concatenate([keep, jnp.zeros((pad,), keep.dtype)]).reshape(n, size)
+    xs = (blocks(perturbed), blocks(y), keeps)
+    if per_sample:
+        out = jax.lax.map(lambda a: f(*a), xs)  # (n, B, size, ...)
+        out = jnp.moveaxis(out, 0, 1)
+        return out.reshape(b, n * size, *out.shape[3:])[:, :k]
+    init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                        jax.eval_shape(lambda a: f(*a), jax.tree.map(lambda x: x[0], xs)))
+    return jax.lax.scan(lambda acc, a: (jax.tree.map(jnp.add, acc, f(*a)), None), init, xs)[0]
+
+
 def _exchange_weights(cfg: _Config, theta: Array, sigma, perturbed: Array, y: Array, keep):
     """(w, z, partners) of the conditional estimator (`_exchange_sums`) for a block of
     samples (B, k, *event): w and z (B, k, D, K); partners None (partner k is entry k)
@@ -635,26 +678,35 @@ def _conditional_shift(cfg: _Config, theta: Array, sigma, perturbed: Array, y: A
     noise it is above level t with probability 1 - cdf((t - theta_i) / sigma).
     Unbiased, and exact along each entry's own noise. Not used for the layer's
     values, which stay the mean of the solutions (a point of their convex hull)."""
-    b, k = perturbed.shape[:2]
+    b = theta.shape[0]
     event = theta.shape[1:]
     d = math.prod(event)
     hook = exchanges_of(cfg.solver)
     assert hook is not None
-    levels, partners = jax.vmap(hook)(
-        perturbed.reshape(b * k, *event), y.reshape(b * k, *y.shape[2:])
-    )
-    levels = levels.reshape(b, k, d, -1).astype(theta.dtype)
-    x = perturbed.reshape(b, k, d, 1)
     cdf = getattr(cfg.noise, "cdf")
-    above = (x > levels).astype(theta.dtype)
-    shift = jnp.sum(1 - cdf((levels - theta.reshape(b, 1, d, 1)) / sigma) - above, axis=-1)
-    if partners is None:  # entry i's level with itself, x_i: not an exchange
-        shift = shift - (1 - cdf((x[..., 0] - theta.reshape(b, 1, d)) / sigma))
-    if keep is not None:
-        shift = shift * keep.reshape(1, k, 1)
+
+    def shift_sum(perturbed, y, keep):
+        k = perturbed.shape[1]
+        levels, partners = jax.vmap(hook)(
+            perturbed.reshape(b * k, *event), y.reshape(b * k, *y.shape[2:])
+        )
+        levels = levels.reshape(b, k, d, -1).astype(theta.dtype)
+        x = perturbed.reshape(b, k, d, 1)
+        above = (x > levels).astype(theta.dtype)
+        shift = jnp.sum(1 - cdf((levels - theta.reshape(b, 1, d, 1)) / sigma) - above, -1)
+        if partners is None:  # entry i's level with itself, x_i: not an exchange
+            shift = shift - (1 - cdf((x[..., 0] - theta.reshape(b, 1, d)) / sigma))
+        if keep is not None:
+            shift = shift * keep.reshape(1, k, 1)
+        return jnp.sum(shift, axis=1)
+
+    if _dense_exchanges(cfg, theta):
+        total = _sample_blocks(shift_sum, perturbed, y, keep)
+    else:
+        total = shift_sum(perturbed, y, keep)
     # Along the solver's invariant directions the solutions' sums are fixed, so the
     # mean of the solutions is exact there: keep it (unbiased, lower variance).
-    return _invariant_free(cfg, jnp.sum(shift, axis=1), event)
+    return _invariant_free(cfg, total, event)
 
 
 def _slot_mask(slots: Array, num: int) -> Array:
@@ -684,16 +736,19 @@ def _exchange_sums(
     -inf or +inf (no exchange) add nothing."""
     b = theta.shape[0]
     d = math.prod(theta.shape[1:])
-    w, z, partners = _exchange_weights(cfg, theta, sigma, perturbed, y, keep)
     zeros = jnp.zeros((b, d), theta.dtype)
-    if partners is None:  # partner k is entry k: sum over the samples first, (B, D, D)
-        a = jnp.sum(w, axis=1)
+    if _dense_exchanges(cfg, theta):  # partner k is entry k: sum over the samples first
+
+        def weight_sums(p, y, keep):  # (B, D, D) each, for a block of samples
+            w, z, _ = _exchange_weights(cfg, theta, sigma, p, y, keep)
+            return jnp.sum(w, axis=1), (jnp.sum(w * z, axis=1) if want_sigma else None)
+
+        a, az = _sample_blocks(weight_sums, perturbed, y, keep)
         jt = zeros if u is None else jnp.sum(a, -1) * u - jnp.einsum("bik,bi->bk", a, u)
-        by_sigma = zeros
-        if want_sigma:
-            az = jnp.sum(w * z, axis=1)
-            by_sigma = jnp.sum(az, -1) - jnp.sum(az, -2)
+        by_sigma = zeros if az is None else jnp.sum(az, -1) - jnp.sum(az, -2)
         return jt, by_sigma
+    w, z, partners = _exchange_weights(cfg, theta, sigma, perturbed, y, keep)
+    assert partners is not None
     slots, pivots = partners
     mask = _slot_mask(slots, pivots.shape[-1])
 
@@ -728,15 +783,21 @@ def _exchange_vjp_terms(cfg: _Config, theta, sigma, perturbed, y, v) -> Array:
     after."""
     project = lambda x: _invariant_free(cfg, x, theta.shape[1:])
     v = project(v)
-    w, _, partners = _exchange_weights(cfg, theta, sigma, perturbed, y, None)
-    if partners is None:
-        other = v[:, None, None, :]
-    else:
-        slots, pivots = partners
-        at_pivots = jax.vmap(lambda p, x: x[p])(pivots, v)  # (B, M, P)
-        mask = _slot_mask(slots, pivots.shape[-1])
-        other = jnp.sum(jnp.where(mask, at_pivots[:, :, None, None, :], 0), axis=-1)
-    return project(jnp.sum(w * (v[:, None, :, None] - other), axis=-1))
+
+    def terms(perturbed, y, keep):
+        w, _, partners = _exchange_weights(cfg, theta, sigma, perturbed, y, keep)
+        if partners is None:
+            other = v[:, None, None, :]
+        else:
+            slots, pivots = partners
+            at_pivots = jax.vmap(lambda p, x: x[p])(pivots, v)  # (B, M, P)
+            mask = _slot_mask(slots, pivots.shape[-1])
+            other = jnp.sum(jnp.where(mask, at_pivots[:, :, None, None, :], 0), axis=-1)
+        return jnp.sum(w * (v[:, None, :, None] - other), axis=-1)
+
+    if _dense_exchanges(cfg, theta):
+        return project(_sample_blocks(terms, perturbed, y, None, per_sample=True))
+    return project(terms(perturbed, y, None))
 
 
 @eqx.filter_custom_jvp
@@ -1182,8 +1243,11 @@ class MonteCarloStats(eqx.Module):
 
     - `y_eps`: $y_\\varepsilon(\\theta)$, `(*batch, *event)`: exactly what the layer
       returns for the same key.
-    - `y_eps_stderr`: its standard error per coordinate. It is also the standard error
-      of the Fenchel-Young loss gradient $y_\\varepsilon(\\theta) - y$.
+    - `y_eps_stderr`: its standard error per coordinate. With the score function it
+      is also the standard error of the Fenchel-Young loss gradient
+      $y_\\varepsilon(\\theta) - y$; with conditional Monte Carlo that gradient is
+      the conditional estimate of $y_\\varepsilon$, whose error is lower (this bounds
+      it).
     - `max`: $F_\\varepsilon(\\theta)$, `(*batch)`.
     - `max_stderr`: its standard error (also that of the Fenchel-Young loss value).
     - `vjp`: with a `cotangent` $v$, the estimated gradient
@@ -1248,7 +1312,9 @@ class PerturbedOptimizer(eqx.Module):
     `shift_invariant_axes` (the built-in simplex, top-k, ranking and assignment), the
     estimate and the noise scores are projected off those directions: unbiased, lower
     variance, no extra cost. The gradient of
-    $F_\\varepsilon$ is the pathwise mean of the solutions.
+    $F_\\varepsilon$ is the pathwise mean of the solutions, or with conditional Monte
+    Carlo, their mean given the other entries' noise, entry by entry (lower variance;
+    the layer's value stays the mean of the solutions).
     [`structpert.PerturbedOptimizer.stats`][] gives the standard errors of all these
     estimates. The guide "Gradient estimators" compares the options with numbers.
 
