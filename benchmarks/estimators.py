@@ -247,7 +247,7 @@ def gradient_mse(problem, budget, reps, n_ref):
         def cond(**kw):
             return ours(jacobian="conditional", **kw)
 
-        by_default = ours()._conditional(shape)  # not for rankings of more than 64 items
+        by_default = ours()._conditional(shape)  # not for rankings of more than 32 items
         if not by_default:
             layers["sp, conditional"] = cond()
         layers["sp, cond. + stratified"] = cond(stratified=True)

@@ -43,10 +43,11 @@ _PERTURBATIONS = ("additive", "multiplicative")
 _CONTROL_VARIATES = ("auto", "none", "leave_one_out", "unperturbed", "regression", "covariance")
 _JACOBIANS = ("auto", "conditional", "score")
 # With jacobian="auto", the conditional estimator of a solver whose entries all
-# exchange with each other (the ranking) up to this size: O(M d^2) arithmetic, 1.1 to
-# 1.3 times the score function's step at d = 6 to 64, 2.6 times at d = 100 (M = 1000,
-# 2-core CPU).
-_DENSE_AUTO_MAX = 64
+# exchange with each other (the ranking) up to this size: O(M d^2) arithmetic. One
+# instance, M = 1000, 2-core CPU: 0.8 to 1.05 times the score function's step at d =
+# 6 and 32, 3.5 times at d = 64, 5 times at d = 100; a batch of 32 at d = 32: 1.9 to
+# 3 times, for an error about 10 times lower.
+_DENSE_AUTO_MAX = 32
 # "regression" stores a d x d matrix per instance; beyond this size, refuse.
 _REGRESSION_MAX_SIZE = 4096
 
@@ -604,7 +605,7 @@ def _jacobian_tangent(
 # Exchange levels held at once when every entry exchanges with every other one (the
 # ranking's d x d levels per sample): blocks of samples keep the temporaries near
 # this many entries instead of batch x M x d x d.
-_DENSE_BLOCK_ENTRIES = 2**22
+_DENSE_BLOCK_ENTRIES = 2**20
 
 
 def _dense_exchanges(cfg: _Config, theta: Array) -> bool:
@@ -1424,10 +1425,10 @@ class PerturbedOptimizer(eqx.Module):
       score function (simplex, top-10, rankings of 6 and 100 items). `"auto"`
       (default): `"conditional"` where it applies and `control_variate` is left at
       `"auto"` (the control variates belong to the score function); `"score"`
-      otherwise, and for rankings of more than 64 items. Cost: $O(MdK)$
+      otherwise, and for rankings of more than 32 items. Cost: $O(MdK)$
       arithmetic per instance for $K$ exchange levels per entry: one for the argmax
       and top-k, $d$ for a ranking (hence the limit of `"auto"`: at $d = 100$, $M =
-      1000$ a step took 2.6 times as long as with the score function).
+      1000$ a step took 5 times as long as with the score function).
 
     **Keys:** one key for the whole batch; the noise of instance $i$ (in row-major
     order over the batch axes) depends only on the key and $i$, so results do not

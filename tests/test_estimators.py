@@ -1066,9 +1066,9 @@ def test_conditional_without_exchanges_and_errors():
         grad(sp.Permutahedron(), **cv), grad(sp.Permutahedron(), jacobian="score", **cv)
     )
     assert not np.allclose(grad(sp.Permutahedron()), grad(sp.Permutahedron(), jacobian="score"))
-    # "auto" keeps the O(M d^2) conditional ranking to at most 64 items
+    # "auto" keeps the O(M d^2) conditional ranking to at most 32 items
     ranking = sp.PerturbedOptimizer(sp.Permutahedron())
-    assert ranking._conditional((64,)) and not ranking._conditional((65,))
+    assert ranking._conditional((32,)) and not ranking._conditional((33,))
     assert sp.PerturbedOptimizer(sp.TopK(3))._conditional((1000,))
 
 
