@@ -645,6 +645,20 @@ def _sample_blocks(f, perturbed: Array, y: Array, keep, per_sample: bool = False
     return jax.lax.scan(lambda acc, a: (jax.tree.map(jnp.add, acc, f(*a)), None), init, xs)[0]
 
 
+def _exchange_levels(cfg: _Config, theta: Array, perturbed: Array, y: Array):
+    """The solver's `exchanges` for a block of samples (B, k, *event) and their
+    solutions: levels (B, k, D, K) and partners (None, or the solver's (slots,
+    pivots) with leading axes B * k)."""
+    b, k = perturbed.shape[:2]
+    event = theta.shape[1:]
+    hook = exchanges_of(cfg.solver)
+    assert hook is not None
+    levels, partners = jax.vmap(hook)(
+        perturbed.reshape(b * k, *event), y.reshape(b * k, *y.shape[2:])
+    )
+    return levels.reshape(b, k, math.prod(event), -1).astype(theta.dtype), partners
+
+
 def _exchange_weights(cfg: _Config, theta: Array, sigma, perturbed: Array, y: Array, keep):
     """(w, z, partners) of the conditional estimator (`_exchange_sums`) for a block of
     samples (B, k, *event): w and z (B, k, D, K); partners None (partner k is entry k)
@@ -652,13 +666,8 @@ def _exchange_weights(cfg: _Config, theta: Array, sigma, perturbed: Array, y: Ar
     pivots[slots[i, k]] (see `AbstractSolver`); `keep` (k,) zeroes the padding's
     weights, or None."""
     b, k = perturbed.shape[:2]
-    event = theta.shape[1:]
-    d = math.prod(event)
-    hook = exchanges_of(cfg.solver)
-    assert hook is not None
-    flat_p = perturbed.reshape(b * k, *event)
-    levels, partners = jax.vmap(hook)(flat_p, y.reshape(b * k, *y.shape[2:]))
-    levels = levels.reshape(b, k, d, -1).astype(theta.dtype)
+    d = math.prod(theta.shape[1:])
+    levels, partners = _exchange_levels(cfg, theta, perturbed, y)
     z = (levels - theta.reshape(b, 1, d, 1)) / sigma
     finite = jnp.isfinite(z)
     z = jnp.where(finite, z, 0)
@@ -682,16 +691,11 @@ def _conditional_shift(cfg: _Config, theta: Array, sigma, perturbed: Array, y: A
     b = theta.shape[0]
     event = theta.shape[1:]
     d = math.prod(event)
-    hook = exchanges_of(cfg.solver)
-    assert hook is not None
     cdf = getattr(cfg.noise, "cdf")
 
     def shift_sum(perturbed, y, keep):
         k = perturbed.shape[1]
-        levels, partners = jax.vmap(hook)(
-            perturbed.reshape(b * k, *event), y.reshape(b * k, *y.shape[2:])
-        )
-        levels = levels.reshape(b, k, d, -1).astype(theta.dtype)
+        levels, partners = _exchange_levels(cfg, theta, perturbed, y)
         x = perturbed.reshape(b, k, d, 1)
         above = (x > levels).astype(theta.dtype)
         shift = jnp.sum(1 - cdf((levels - theta.reshape(b, 1, d, 1)) / sigma) - above, -1)
