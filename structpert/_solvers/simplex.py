@@ -34,7 +34,10 @@ class Simplex(AbstractSolver):
     def exchanges(self, theta: Float[Array, " n"], y: Float[Array, " n"]):
         """One level per entry (`AbstractSolver`): entry i takes over from the winner
         where it passes the winner's value; the winner hands back to the runner-up
-        below the runner-up's value. Pivots: (winner, runner-up)."""
+        below the runner-up's value. Pivots: (winner, runner-up). (`TopK`'s rule with
+        k = 1, written with one-hot reductions: sharing TopK's code took 112 against
+        80 MB unchunked, 23.2 against 21.6 MB streamed, in the loss-gradient step of
+        `test_streamed_steps_bound_memory`.)"""
         n = theta.shape[-1]
         index = jnp.arange(n)
         winner = y > 0
