@@ -715,9 +715,23 @@ def _conditional_shift(cfg: _Config, theta: Array, sigma, perturbed: Array, y: A
     return _invariant_free(cfg, total, event)
 
 
-def _slot_mask(slots: Array, num: int) -> Array:
-    """(..., num) one-hot of the pivot slots (...), for a few pivots per sample."""
-    return slots[..., None] == jnp.arange(num).reshape((1,) * slots.ndim + (num,))
+def _at_slots(values: Array, slots: Array) -> Array:
+    """values[b, m, slots[b, m, i, k]] for values (B, M, P) at a few pivots and slots
+    (B, M, D, K): a chain of selects, which XLA fuses with its neighbours. (A one-hot
+    mask of shape (B, M, D, K, P) summed over P cost more than the rest of the
+    conditional step on the CPU: XLA's reduction over a trailing axis of size 2.)"""
+    at = lambda p: values[:, :, p, None, None]
+    out = jnp.broadcast_to(at(0), slots.shape)
+    for p in range(1, values.shape[-1]):
+        out = jnp.where(slots == p, at(p), out)
+    return out
+
+
+def _per_pivot(x: Array, slots: Array, num: int) -> Array:
+    """(B, M, num) sums of x (B, M, D, K) over the entries and levels in each pivot
+    slot: one masked sum per pivot, whose transpose (reverse mode) is a chain of
+    selects as in `_at_slots`."""
+    return jnp.stack([jnp.sum(jnp.where(slots == p, x, 0), axis=(2, 3)) for p in range(num)], -1)
 
 
 def _exchange_sums(
@@ -757,10 +771,9 @@ def _exchange_sums(
     w, z, partners = _exchange_weights(cfg, theta, sigma, perturbed, y, keep)
     assert partners is not None
     slots, pivots = partners
-    mask = _slot_mask(slots, pivots.shape[-1])
 
     def spread(x):  # sum_m,i,k x_mik (e_i - e_p), (B, D): what each pivot hands over
-        handed = jnp.sum(jnp.where(mask, x[..., None], 0), axis=(2, 3))  # (B, k, P)
+        handed = _per_pivot(x, slots, pivots.shape[-1])  # (B, k, P)
         lost = jax.vmap(lambda p, v: jnp.zeros((d,), v.dtype).at[p].add(v))(
             pivots.reshape(b, -1), handed.reshape(b, -1)
         )
@@ -797,9 +810,7 @@ def _exchange_vjp_terms(cfg: _Config, theta, sigma, perturbed, y, v) -> Array:
             other = v[:, None, None, :]
         else:
             slots, pivots = partners
-            at_pivots = jax.vmap(lambda p, x: x[p])(pivots, v)  # (B, M, P)
-            mask = _slot_mask(slots, pivots.shape[-1])
-            other = jnp.sum(jnp.where(mask, at_pivots[:, :, None, None, :], 0), axis=-1)
+            other = _at_slots(jax.vmap(lambda p, x: x[p])(pivots, v), slots)  # v at partners
         return jnp.sum(w * (v[:, None, :, None] - other), axis=-1)
 
     if _dense_exchanges(cfg.solver, theta.shape[1:], theta.dtype):
