@@ -1,7 +1,8 @@
 """Gradient estimators: structpert against jaxopt.perturbations and optax.perturbations.
 
 Three parts, all peers measured side by side in one run, in float32 as users run them
-(and three more on structpert alone: `bias`, of its estimators, `fewsamples` and `memory`):
+(and four more on structpert alone: `bias`, of its estimators, `fewsamples`, `rankings`
+and `memory`):
 
 1. **Gradient mean squared error at equal solver calls.** Solver calls are counted,
    not assumed: a `jax.pure_callback` solver counts the instances each library solves
@@ -25,7 +26,10 @@ Three parts, all peers measured side by side in one run, in float32 as users run
    function, a double argsort) and with `sp.Permutahedron` (one sort); also at
    n = 100, M = 1000.
 4. **Few samples** (structpert only): the control variates at M <= 2d.
-5. **Memory** (structpert only) of the layer, of a gradient step of a loss on y_eps
+5. **Rankings** (structpert only): the conditional Monte-Carlo Jacobian against the
+   score function, time per step for rankings of 6 to 200 items, one instance and a
+   batch of 32 (where `jacobian="auto"` stops taking the conditional one).
+6. **Memory** (structpert only) of the layer, of a gradient step of a loss on y_eps
    and of the Fenchel-Young gradient step, with and without `chunk_size` (streamed
    sums; independent and, on the simplex, stratified draws), from XLA's accounting
    of the compiled steps.
@@ -37,8 +41,8 @@ Run it with
     python benchmarks/estimators.py                  # everything (about 20 minutes)
     python benchmarks/estimators.py --quick          # smaller reference, fewer repeats
     python benchmarks/estimators.py --parts timing   # one part (calls, mse, bias,
-                                                     # fewsamples, timing, pipeline,
-                                                     # memory)
+                                                     # fewsamples, timing, rankings,
+                                                     # pipeline, memory)
     python benchmarks/estimators.py --parts mse --only n=6 --keys 4000
                                                      # some problems, more keys
 """
@@ -770,10 +774,45 @@ def memory(b=4, m=2000, d=500, chunk=400, repeats=5):
     return rows
 
 
+def rankings(sizes=(6, 32, 64, 100, 200), batches=(1, 32), m=1000, repeats=10):
+    """The two Jacobian estimators on rankings of d items (structpert only): time per
+    value_and_grad step of a squared loss on y_eps and of the FY loss, conditional
+    Monte Carlo (O(M d^2): every other entry is a level) against the score function
+    (O(M d)). `jacobian="auto"` takes the conditional one up to 32 items."""
+    rows = []
+    print(f"\nRankings, Normal noise, sigma 0.5, M={m}, float32: ms per value_and_grad step,")
+    print(f"min of {repeats} runs taken in turns")
+    for batch in batches:
+        for d in sizes:
+            theta = jax.random.normal(jax.random.key(1), (batch, d), F32)
+            y = jax.vmap(ranking)(theta + 0.3)
+            fns = {}
+            for jac in ("score", "conditional"):
+                opt = sp.PerturbedOptimizer(sp.Permutahedron(), sp.Normal(), 0.5, m, jacobian=jac)
+                steps = {
+                    "loss": lambda t, k, opt=opt: jnp.sum((opt(t, key=k) - y) ** 2),
+                    "FY": lambda t, k, opt=opt: jnp.sum(sp.FenchelYoungLoss(opt)(t, y, key=k)),
+                }
+                for what, f in steps.items():
+                    vg = jax.jit(jax.value_and_grad(f))
+                    fns[(jac, what)] = lambda vg=vg: vg(theta, jax.random.key(0))
+            best = interleaved_best(fns, repeats)
+            rows.append((batch, d, best))
+            ms = {k: v * 1e3 for k, v in best.items()}
+            print(
+                f"  batch {batch:3d}  d {d:4d}  loss on y_eps: score {ms[('score', 'loss')]:8.3f}"
+                f"  conditional {ms[('conditional', 'loss')]:8.3f}"
+                f"  |  FY: score {ms[('score', 'FY')]:8.3f}"
+                f"  conditional {ms[('conditional', 'FY')]:8.3f}",
+                flush=True,
+            )
+    return rows
+
+
 def main(
     quick: bool = False,
     budget: int = 200,
-    parts=("calls", "mse", "bias", "fewsamples", "timing", "pipeline", "memory"),
+    parts=("calls", "mse", "bias", "fewsamples", "timing", "rankings", "pipeline", "memory"),
     only: str = "",
     keys: int = 0,
 ):
@@ -804,6 +843,8 @@ def main(
     if "timing" in parts:
         out["timing"] = timing(repeats=repeats)
         out["timing_batch"] = timing(repeats=max(3, repeats // 4), batch=32)
+    if "rankings" in parts:
+        out["rankings"] = rankings(repeats=max(3, repeats // 2))
     if "pipeline" in parts:
         out["pipeline"] = pipeline(repeats=repeats)
         out["pipeline100"] = pipeline(n=100, m=1000, sigma=0.2, repeats=max(3, repeats // 4))
@@ -818,8 +859,9 @@ if __name__ == "__main__":
     parser.add_argument("--budget", type=int, default=200, help="solver calls per gradient")
     parser.add_argument(
         "--parts",
-        default="calls,mse,bias,fewsamples,timing,pipeline,memory",
-        help="comma-separated subset of calls,mse,bias,fewsamples,timing,pipeline,memory",
+        default="calls,mse,bias,fewsamples,timing,rankings,pipeline,memory",
+        help="comma-separated subset of calls,mse,bias,fewsamples,timing,rankings,pipeline,"
+        "memory",
     )
     parser.add_argument(
         "--only", default="", help='MSE part: problems whose name contains this, e.g. "n=6"'

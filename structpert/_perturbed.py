@@ -43,11 +43,13 @@ _PERTURBATIONS = ("additive", "multiplicative")
 _CONTROL_VARIATES = ("auto", "none", "leave_one_out", "unperturbed", "regression", "covariance")
 _JACOBIANS = ("auto", "conditional", "score")
 # With jacobian="auto", the conditional estimator of a solver whose entries all
-# exchange with each other (the ranking) up to this size: O(M d^2) arithmetic. One
-# instance, M = 1000, 2-core CPU: 0.8 to 1.05 times the score function's step at d =
-# 6 and 32, 3.5 times at d = 64, 5 times at d = 100; a batch of 32 at d = 32: 1.9 to
-# 3 times, for an error about 10 times lower.
-_DENSE_AUTO_MAX = 32
+# exchange with each other (the ranking) up to this size: O(M d^2) arithmetic against
+# the sort's O(M d log d). At d = 100, M = 1000 (`benchmarks/estimators.py --parts
+# rankings`): 1.8 (loss on y_eps) and 2.5 (Fenchel-Young) times the score function's
+# step on a 2-core CPU, one instance or a batch of 32; on an H200 GPU, 1.05 and 1.4
+# times for one instance, 2.6 and 3.9 times for a batch of 32; for an error 140 to
+# 170 times lower (loss on y_eps). At d = 200 the CPU ratios grow to 2.4 and 3.3.
+_DENSE_AUTO_MAX = 100
 # "regression" stores a d x d matrix per instance; beyond this size, refuse.
 _REGRESSION_MAX_SIZE = 4096
 
@@ -605,8 +607,17 @@ def _jacobian_tangent(
 
 # Exchange levels held at once when every entry exchanges with every other one (the
 # ranking's d x d levels per sample): blocks of samples keep the temporaries near
-# this many entries instead of batch x M x d x d.
-_DENSE_BLOCK_ENTRIES = 2**20
+# this many entries instead of batch x M x d x d. Larger on accelerators, where each
+# block is a few kernel launches: on an H200, a batch of 32 rankings of 100 items (M
+# = 1000) took 6.4 ms per step with 2^20, 2.2 ms with 2^22 and 3.1 ms with 2^24.
+_DENSE_BLOCK_ENTRIES = {"cpu": 2**20}
+_DENSE_BLOCK_ENTRIES_ACCELERATOR = 2**22
+
+
+def _dense_block_entries() -> int:
+    """`_DENSE_BLOCK_ENTRIES` for the default backend (blocks change rounding only)."""
+    backend = jax.default_backend()
+    return _DENSE_BLOCK_ENTRIES.get(backend, _DENSE_BLOCK_ENTRIES_ACCELERATOR)
 
 
 def _dense_exchanges(solver: AbstractSolver, event_shape, dtype) -> bool:
@@ -619,12 +630,12 @@ def _dense_exchanges(solver: AbstractSolver, event_shape, dtype) -> bool:
 
 def _sample_blocks(f, perturbed: Array, y: Array, keep, per_sample: bool = False):
     """f(perturbed, y, keep) over blocks of the samples (axis 1) of (B, k, ...) arrays,
-    about `_DENSE_BLOCK_ENTRIES` / (B D) samples of D x D levels each: the results
+    about `_dense_block_entries()` / (B D) samples of D x D levels each: the results
     summed (a pytree of sums), or with `per_sample`, joined along axis 1 (B, k, ...).
     The last block is padded with repeats of the first sample, masked by `keep`."""
     b, k = perturbed.shape[:2]
     d = math.prod(perturbed.shape[2:])
-    size = max(1, min(k, _DENSE_BLOCK_ENTRIES // max(1, b * d * d)))
+    size = max(1, min(k, _dense_block_entries() // max(1, b * d * d)))
     keep = jnp.ones((k,), perturbed.dtype) if keep is None else keep
     if size == k:
         return f(perturbed, y, keep)
@@ -644,6 +655,14 @@ def _sample_blocks(f, perturbed: Array, y: Array, keep, per_sample: bool = False
     init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
                         jax.eval_shape(lambda a: f(*a), jax.tree.map(lambda x: x[0], xs)))
     return jax.lax.scan(lambda acc, a: (jax.tree.map(jnp.add, acc, f(*a)), None), init, xs)[0]
+
+
+def _sample_sum(x: Array) -> Array:
+    """The sum of x (B, k, ...) over its samples (axis 1), as a product with a vector of
+    ones: XLA's CPU reduction over that middle axis took about 10 ns per entry on
+    (1, 8, 100, 100) blocks, 12 times the time of the densities it sums."""
+    ones = jnp.ones((x.shape[1],), x.dtype)
+    return jnp.einsum("bk...,k->b...", x, ones)
 
 
 def _exchange_levels(cfg: _Config, theta: Array, perturbed: Array, y: Array):
@@ -762,7 +781,7 @@ def _exchange_sums(
 
         def weight_sums(p, y, keep):  # (B, D, D) each, for a block of samples
             w, z, _ = _exchange_weights(cfg, theta, sigma, p, y, keep)
-            return jnp.sum(w, axis=1), (jnp.sum(w * z, axis=1) if want_sigma else None)
+            return _sample_sum(w), (_sample_sum(w * z) if want_sigma else None)
 
         a, az = _sample_blocks(weight_sums, perturbed, y, keep)
         jt = zeros if u is None else jnp.sum(a, -1) * u - jnp.einsum("bik,bi->bk", a, u)

@@ -1036,6 +1036,47 @@ def test_conditional_sigma_derivative_is_unbiased(case):
     assert np.all(np.abs(est.mean(0) - exact) <= mc_tol(est.std(0), reps) + 1e-12)
 
 
+def test_dense_exchanges_in_blocks_match_one_piece(monkeypatch):
+    """The ranking's d x d exchange levels, taken in blocks of 3 samples (the last one
+    partial, padded and masked), give the one-piece results to rounding: the reverse-
+    and forward-mode derivatives in theta and sigma, the Fenchel-Young gradient and
+    the standard errors of `stats`."""
+    import structpert._perturbed as perturbed
+
+    d, m = 5, 23
+    theta = jax.random.normal(jax.random.key(1), (2, d))
+    v = jax.random.normal(jax.random.key(2), (2, d))
+    y = jax.vmap(sp.Permutahedron().argmax)(theta + 0.5)
+    key = jax.random.key(3)
+
+    def results():
+        opt = lambda s: sp.PerturbedOptimizer(
+            sp.Permutahedron(), sp.Normal(), s, m, jacobian="conditional"
+        )
+        loss = lambda t, s: jnp.vdot(v, opt(s)(t, key=key))
+        fy = lambda t: jnp.sum(sp.FenchelYoungLoss(opt(0.4))(t, y, key=key))
+        jvp = jax.jvp(lambda t, s: opt(s)(t, key=key), (theta, 0.4), (v, 0.7))[1]
+        stats = opt(0.4).stats(theta, key=key, cotangent=v)
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(theta, 0.4))
+        out = (jax.grad(loss, argnums=(0, 1))(theta, 0.4), jax.grad(fy)(theta), jvp, stats)
+        return jax.tree.map(np.asarray, out), "scan" in jaxpr or "while" in jaxpr
+
+    monkeypatch.setattr(perturbed, "_DENSE_BLOCK_ENTRIES", {"cpu": 10**9})
+    monkeypatch.setattr(perturbed, "_DENSE_BLOCK_ENTRIES_ACCELERATOR", 10**9)
+    jax.clear_caches()
+    whole, looped = results()
+    assert not looped
+    blocks = 3 * 2 * d * d  # 3 samples of the batch of 2
+    monkeypatch.setattr(perturbed, "_DENSE_BLOCK_ENTRIES", {"cpu": blocks})
+    monkeypatch.setattr(perturbed, "_DENSE_BLOCK_ENTRIES_ACCELERATOR", blocks)
+    jax.clear_caches()  # the traces of the derivative rules are cached per layer
+    blocked, looped = results()
+    jax.clear_caches()
+    assert looped
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 blocked, whole)
+
+
 def test_conditional_without_exchanges_and_errors():
     """Where no exchange exists (one entry; a top-k that takes every entry) the
     derivative is exactly zero; `jacobian="conditional"` is refused, naming what is
@@ -1066,9 +1107,9 @@ def test_conditional_without_exchanges_and_errors():
         grad(sp.Permutahedron(), **cv), grad(sp.Permutahedron(), jacobian="score", **cv)
     )
     assert not np.allclose(grad(sp.Permutahedron()), grad(sp.Permutahedron(), jacobian="score"))
-    # "auto" keeps the O(M d^2) conditional ranking to at most 32 items
+    # "auto" keeps the O(M d^2) conditional ranking to at most 100 items
     ranking = sp.PerturbedOptimizer(sp.Permutahedron())
-    assert ranking._conditional((32,)) and not ranking._conditional((33,))
+    assert ranking._conditional((100,)) and not ranking._conditional((101,))
     assert sp.PerturbedOptimizer(sp.TopK(3))._conditional((1000,))
 
 
