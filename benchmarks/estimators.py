@@ -251,7 +251,7 @@ def gradient_mse(problem, budget, reps, n_ref):
         def cond(**kw):
             return ours(jacobian="conditional", **kw)
 
-        by_default = ours()._conditional(shape)  # not for rankings of more than 32 items
+        by_default = ours()._conditional(shape)  # not for rankings of more than 100 items
         if not by_default:
             layers["sp, conditional"] = cond()
         layers["sp, cond. + stratified"] = cond(stratified=True)
@@ -535,7 +535,7 @@ def interleaved_best(fns, repeats):
     return best
 
 
-def timing(d=100, m=1000, repeats=20, batch=1):
+def timing(d=100, m=1000, repeats=20, batch=1, only=""):
     """Time per value_and_grad step; with batch > 1, a batch of instances per step
     (structpert takes the batch and one key; the peers, written for one instance, are
     vmapped with one key per instance)."""
@@ -548,6 +548,9 @@ def timing(d=100, m=1000, repeats=20, batch=1):
     ]
     if batch > 1:  # the ranking is dominated by its sorts at any batch size
         cases = [c for c in cases if not c[0].startswith("ranking")]
+    cases = [c for c in cases if only in c[0]]
+    if not cases:
+        return []
 
     def instances(f):
         """f(theta, key, y) of one instance -> summed over the batch (split keys)."""
@@ -570,7 +573,7 @@ def timing(d=100, m=1000, repeats=20, batch=1):
             ),
         }
         # the Jacobian estimator that is not the default here (conditional Monte Carlo
-        # is the default for the argmax and top-k, not for a ranking of 100 items)
+        # is the default for the argmax, top-k and rankings of up to 100 items)
         default = sp.PerturbedOptimizer(solver, sp_noise, eps, m)._conditional((d,))
         layers["sp score" if default else "sp conditional"] = sp.PerturbedOptimizer(
             solver, sp_noise, eps, m, jacobian="score" if default else "conditional"
@@ -633,11 +636,11 @@ def timing(d=100, m=1000, repeats=20, batch=1):
     print("taken in turns. bare = the vmapped solver on M given perturbed inputs;")
     print("floor = drawing the noise + perturbing + solving + averaging (what any method must do).")
     print("structpert's rows use its solver class: the default estimator (conditional Monte")
-    print("Carlo for the argmax and top-k; the score function for the ranking of 100 items,")
-    print('whose control variate is "covariance" with Normal noise), the other of the two')
-    print('("sp score", "sp conditional"), the score function with the other control')
-    print('variate of "covariance" and "leave_one_out", with "regression", orthogonal=True')
-    print("for Normal noise, and stratified=True (these two with the default estimator);")
+    print('Carlo for the argmax, top-k and the ranking of 100 items), the score function')
+    print('("sp score"), the score function with the control variate that is not the')
+    print('default for the noise ("covariance" or "leave_one_out") and with "regression",')
+    print("orthogonal=True for Normal noise, and stratified=True (these two with the")
+    print("default estimator);")
     print("the other rows use the same function")
     print("(jnp one_hot/argmax, the notebook's double-argsort ranking, lax.top_k).")
     for row in rows:
@@ -778,7 +781,7 @@ def rankings(sizes=(6, 32, 64, 100, 200), batches=(1, 32), m=1000, repeats=10):
     """The two Jacobian estimators on rankings of d items (structpert only): time per
     value_and_grad step of a squared loss on y_eps and of the FY loss, conditional
     Monte Carlo (O(M d^2): every other entry is a level) against the score function
-    (O(M d)). `jacobian="auto"` takes the conditional one up to 32 items."""
+    (O(M d)). `jacobian="auto"` takes the conditional one up to 100 items."""
     rows = []
     print(f"\nRankings, Normal noise, sigma 0.5, M={m}, float32: ms per value_and_grad step,")
     print(f"min of {repeats} runs taken in turns")
@@ -841,8 +844,8 @@ def main(
         out["fewsamples"] = few_samples(keys=100 if quick else 200)
     repeats = 5 if quick else 20
     if "timing" in parts:
-        out["timing"] = timing(repeats=repeats)
-        out["timing_batch"] = timing(repeats=max(3, repeats // 4), batch=32)
+        out["timing"] = timing(repeats=repeats, only=only)
+        out["timing_batch"] = timing(repeats=max(3, repeats // 4), batch=32, only=only)
     if "rankings" in parts:
         out["rankings"] = rankings(repeats=max(3, repeats // 2))
     if "pipeline" in parts:
@@ -864,7 +867,9 @@ if __name__ == "__main__":
         "memory",
     )
     parser.add_argument(
-        "--only", default="", help='MSE part: problems whose name contains this, e.g. "n=6"'
+        "--only",
+        default="",
+        help='MSE and timing parts: problems whose name contains this, e.g. "n=6", "ranking"',
     )
     parser.add_argument("--keys", type=int, default=0, help="MSE part: keys per estimate")
     args = parser.parse_args()
