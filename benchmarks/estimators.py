@@ -38,7 +38,7 @@ Timings are the minimum over repeats (the machine is shared with other jobs).
 
 Run it with
 
-    python benchmarks/estimators.py                  # everything (about 20 minutes)
+    python benchmarks/estimators.py                  # everything (tens of minutes, most of it MSE)
     python benchmarks/estimators.py --quick          # smaller reference, fewer repeats
     python benchmarks/estimators.py --parts timing   # one part (calls, mse, bias,
                                                      # fewsamples, timing, rankings,
