@@ -46,9 +46,10 @@ _JACOBIANS = ("auto", "conditional", "score")
 # exchange with each other (the ranking) up to this size: O(M d^2) arithmetic against
 # the sort's O(M d log d). At d = 100, M = 1000 (`benchmarks/estimators.py --parts
 # rankings`): 1.8 (loss on y_eps) and 2.5 (Fenchel-Young) times the score function's
-# step on a 2-core CPU, one instance or a batch of 32; on an H200 GPU, 1.05 and 1.4
-# times for one instance, 2.6 and 3.9 times for a batch of 32; for an error 140 to
-# 170 times lower (loss on y_eps). At d = 200 the CPU ratios grow to 2.4 and 3.3.
+# step on a 2-core CPU, one instance or a batch of 32; on an H200 GPU, 1.1 and 1.9
+# times for one instance (`--parts timing`), and more than 2.6 and 3.9 times for a
+# batch of 32; for an error 140 to 170 times lower (loss on y_eps). At d = 200 the
+# CPU ratios grow to 2.4 and 3.3.
 _DENSE_AUTO_MAX = 100
 # "regression" stores a d x d matrix per instance; beyond this size, refuse.
 _REGRESSION_MAX_SIZE = 4096
@@ -609,7 +610,8 @@ def _jacobian_tangent(
 # ranking's d x d levels per sample): blocks of samples keep the temporaries near
 # this many entries instead of batch x M x d x d. Larger on accelerators, where each
 # block is a few kernel launches: on an H200, a batch of 32 rankings of 100 items (M
-# = 1000) took 6.4 ms per step with 2^20, 2.2 ms with 2^22 and 3.1 ms with 2^24.
+# = 1000) took 6.4 ms per step with 2^20, 2.2 ms with 2^22 and 3.1 ms with 2^24 (each
+# with about 0.3 ms of making a key in the timed call).
 _DENSE_BLOCK_ENTRIES = {"cpu": 2**20}
 _DENSE_BLOCK_ENTRIES_ACCELERATOR = 2**22
 
