@@ -1468,7 +1468,7 @@ class PerturbedOptimizer(eqx.Module):
       otherwise, and for rankings of more than 100 items. Cost: $O(MdK)$
       arithmetic per instance for $K$ exchange levels per entry: one for the argmax
       and top-k, $d$ for a ranking (hence the limit of `"auto"`: at $d = 100$, $M =
-      1000$, a step on a 2-core CPU took 1.8 times (loss on $y_\varepsilon$) and 2.5
+      1000$, a step on a 2-core CPU took 1.8 times (loss on $y_\\varepsilon$) and 2.5
       times (Fenchel-Young) as long as with the score function, 2.4 and 3.3 times at
       $d = 200$).
 

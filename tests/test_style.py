@@ -57,3 +57,21 @@ def test_public_names_have_docstrings():
         obj = getattr(sp, name)
         if callable(obj):
             assert inspect.getdoc(obj), f"structpert.{name} has no docstring"
+
+
+def test_no_control_characters_in_strings():
+    """A LaTeX command in a non-raw docstring needs a doubled backslash: `\\theta`
+    written with one becomes a tab and `\\varepsilon` a vertical tab, which the API
+    pages render as broken maths."""
+    import ast
+    import pathlib
+
+    bad = {"\t", "\v", "\b", "\f", "\a"}
+    root = pathlib.Path(sp.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if bad & set(node.value):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not found, f"control characters in string literals at {found}"

@@ -38,8 +38,8 @@ class AbstractSolver(eqx.Module):
     default) gets none of this.
 
     **Optional: `exchanges(theta, y)`.** A solver whose solution, as one entry
-    $\theta_i$ rises with the others fixed, changes only by handing a unit from some
-    entry $p$ to entry $i$ ($y$ gains $e_i - e_p$), at levels of $\theta_i$ set by the
+    $\\theta_i$ rises with the others fixed, changes only by handing a unit from some
+    entry $p$ to entry $i$ ($y$ gains $e_i - e_p$), at levels of $\\theta_i$ set by the
     other entries alone, may list those levels. For the instance `theta` (of size $n$)
     and its solution `y`, it returns `(levels, partners)`: `levels` of shape `(n, K)`,
     entry `[i, k]` the $k$-th level at which $i$ takes over from its partner (a level
