@@ -612,14 +612,15 @@ def _jacobian_tangent(
 # block is a few kernel launches: on an H200, a batch of 32 rankings of 100 items (M
 # = 1000) took 6.4 ms per step with 2^20, 2.2 ms with 2^22 and 3.1 ms with 2^24 (each
 # with about 0.3 ms of making a key in the timed call).
-_DENSE_BLOCK_ENTRIES = {"cpu": 2**20}
+_DENSE_BLOCK_ENTRIES_CPU = 2**20
 _DENSE_BLOCK_ENTRIES_ACCELERATOR = 2**22
 
 
 def _dense_block_entries() -> int:
-    """`_DENSE_BLOCK_ENTRIES` for the default backend (blocks change rounding only)."""
-    backend = jax.default_backend()
-    return _DENSE_BLOCK_ENTRIES.get(backend, _DENSE_BLOCK_ENTRIES_ACCELERATOR)
+    """The block size for the default backend (blocks change rounding only)."""
+    if jax.default_backend() == "cpu":
+        return _DENSE_BLOCK_ENTRIES_CPU
+    return _DENSE_BLOCK_ENTRIES_ACCELERATOR
 
 
 def _dense_exchanges(solver: AbstractSolver, event_shape, dtype) -> bool:

@@ -1061,13 +1061,13 @@ def test_dense_exchanges_in_blocks_match_one_piece(monkeypatch):
         out = (jax.grad(loss, argnums=(0, 1))(theta, 0.4), jax.grad(fy)(theta), jvp, stats)
         return jax.tree.map(np.asarray, out), "scan" in jaxpr or "while" in jaxpr
 
-    monkeypatch.setattr(perturbed, "_DENSE_BLOCK_ENTRIES", {"cpu": 10**9})
+    monkeypatch.setattr(perturbed, "_DENSE_BLOCK_ENTRIES_CPU", 10**9)
     monkeypatch.setattr(perturbed, "_DENSE_BLOCK_ENTRIES_ACCELERATOR", 10**9)
     jax.clear_caches()
     whole, looped = results()
     assert not looped
     blocks = 3 * 2 * d * d  # 3 samples of the batch of 2
-    monkeypatch.setattr(perturbed, "_DENSE_BLOCK_ENTRIES", {"cpu": blocks})
+    monkeypatch.setattr(perturbed, "_DENSE_BLOCK_ENTRIES_CPU", blocks)
     monkeypatch.setattr(perturbed, "_DENSE_BLOCK_ENTRIES_ACCELERATOR", blocks)
     jax.clear_caches()  # the traces of the derivative rules are cached per layer
     blocked, looped = results()
